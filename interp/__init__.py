@@ -1,0 +1,33 @@
+"""scorescope's substrate: the three nouns (Denoiser, Conditioning, Site) and the capture verb.
+
+``probes`` and ``interventions`` are built on these; this package imports neither.
+"""
+
+from interp.conditioning import Conditioning, ConditioningBatch
+from interp.context import UNetCall, current_call, denoising_step, unet_call
+from interp.denoiser import Denoiser
+from interp.hooks import HookSet, count_hooks
+from interp.models.clevr import ClevrPipeline, LocationEncoder
+from interp.sampling import sample
+from interp.site import Site, SiteError, module_paths, resolve_paths
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClevrPipeline",
+    "Conditioning",
+    "ConditioningBatch",
+    "Denoiser",
+    "HookSet",
+    "LocationEncoder",
+    "Site",
+    "SiteError",
+    "UNetCall",
+    "count_hooks",
+    "current_call",
+    "denoising_step",
+    "module_paths",
+    "resolve_paths",
+    "sample",
+    "unet_call",
+]

@@ -1,0 +1,298 @@
+"""Conditioning: the *set* of conditioners a diffusion model is asked to compose.
+
+The paper's objects are conditioners c_1..c_k — an object location in CLEVR, a phrase of an SDXL prompt.
+A :class:`Conditioning` holds the token embeddings the U-Net's cross-attention sees, and for every token
+the conditioner that owns it (``-1`` for *context* tokens that are always present: CLEVR's learned null
+token, CLIP's BOS/EOS/padding). That one ``owner`` vector is what makes ablations and compositions
+model-agnostic:
+
+* ``drop(j)`` removes conditioner j's tokens (for cross-attention, which has no positional encoding, this
+  is exactly masking them out),
+* ``only(j)`` keeps the context plus conditioner j,
+* ``null()`` is the model's null condition (CLEVR: the null token alone; SDXL: the unconditional
+  embedding the pipeline uses for classifier-free guidance).
+
+A conditioning with no conditioners *is* the null condition: ``Conditioning.null()`` of the model.
+
+Batching pads token sequences to a common length and returns a boolean attention mask, which diffusers'
+``UNet2DConditionModel`` accepts as ``encoder_attention_mask``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """A set of conditioners, as the tokens a U-Net cross-attends to.
+
+    Attributes:
+        tokens: ``(L, D)`` token embeddings.
+        owner: ``(L,)`` int64, the index of the conditioner owning each token, ``-1`` for context tokens.
+        labels: one name per conditioner (``k = len(labels)``).
+        locations: ``(k, 2)`` normalised ``(x, y)`` positions in ``[0, 1]`` (image x to the right, y down),
+            or ``None`` for conditioners without a location.
+        added: extra per-sample model inputs (SDXL: ``text_embeds (1280,)``, ``time_ids (6,)``).
+        null_tokens: ``(L0, D)`` tokens of the model's null condition, when it is not just the context
+            tokens (SDXL's unconditional prompt embedding).
+        null_added: the ``added`` inputs of the null condition.
+        attributes: free-form per-conditioner attributes (e.g. ``{"colour": [..]}``), kept through drop/only.
+    """
+
+    tokens: Tensor
+    owner: Tensor
+    labels: tuple[str, ...] = ()
+    locations: Tensor | None = None
+    added: Mapping[str, Tensor] = field(default_factory=dict)
+    null_tokens: Tensor | None = None
+    null_added: Mapping[str, Tensor] | None = None
+    attributes: Mapping[str, tuple] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.tokens.dim() != 2:
+            raise ValueError(f"Conditioning.tokens must be (L, D), got shape {tuple(self.tokens.shape)}")
+        if self.owner.shape != self.tokens.shape[:1]:
+            raise ValueError(
+                f"Conditioning.owner must be (L,) = ({self.tokens.shape[0]},), got {tuple(self.owner.shape)}"
+            )
+        if not torch.isfinite(self.tokens).all():
+            raise ValueError("Conditioning.tokens contain NaN or Inf; check the encoder that produced them")
+        k = len(self.labels)
+        if self.owner.numel() and (self.owner.max().item() >= k or self.owner.min().item() < -1):
+            raise ValueError(f"Conditioning.owner values must lie in [-1, {k - 1}] for {k} labelled conditioners")
+        if self.locations is not None and tuple(self.locations.shape) != (k, 2):
+            raise ValueError(f"Conditioning.locations must be ({k}, 2), got {tuple(self.locations.shape)}")
+        for name, values in self.attributes.items():
+            if len(values) != k:
+                raise ValueError(f"attribute {name!r} has {len(values)} values for {k} conditioners")
+
+    # ------------------------------------------------------------------ views
+    @property
+    def k(self) -> int:
+        """Number of conditioners."""
+        return len(self.labels)
+
+    def __len__(self) -> int:
+        return self.k
+
+    @property
+    def dim(self) -> int:
+        """Token embedding width ``D``."""
+        return self.tokens.shape[1]
+
+    @property
+    def is_null(self) -> bool:
+        """True when the conditioning holds no conditioner (it then means the model's null condition)."""
+        return self.k == 0
+
+    def token_indices(self, j: int) -> Tensor:
+        """Positions of conditioner ``j``'s tokens in :attr:`tokens`."""
+        self._check_index(j)
+        return torch.nonzero(self.owner == j).flatten()
+
+    def span(self, j: int) -> tuple[int, int]:
+        """``(start, stop)`` token span of conditioner ``j`` (its tokens are contiguous for prompts)."""
+        idx = self.token_indices(j)
+        return int(idx.min()), int(idx.max()) + 1
+
+    # ------------------------------------------------------------ set algebra
+    def _check_index(self, j: int) -> None:
+        if not isinstance(j, int) or not 0 <= j < self.k:
+            raise IndexError(f"conditioner index {j!r} out of range for a conditioning with {self.k} conditioners")
+
+    def _keep(self, keep_cond: Sequence[int]) -> Conditioning:
+        keep_cond = list(keep_cond)
+        remap = torch.full((self.k + 1,), -2, dtype=torch.long)
+        remap[-1] = -1  # owner -1 indexes the last slot: context tokens stay context tokens
+        for new, old in enumerate(keep_cond):
+            remap[old] = new
+        new_owner = remap[self.owner]
+        keep_tok = new_owner >= -1
+        return Conditioning(
+            tokens=self.tokens[keep_tok],
+            owner=new_owner[keep_tok],
+            labels=tuple(self.labels[j] for j in keep_cond),
+            locations=None if self.locations is None else self.locations[keep_cond],
+            added=self.added,
+            null_tokens=self.null_tokens,
+            null_added=self.null_added,
+            attributes={n: tuple(v[j] for j in keep_cond) for n, v in self.attributes.items()},
+        )
+
+    def drop(self, j: int) -> Conditioning:
+        """The same conditioning without conditioner ``j`` (remaining conditioners are renumbered)."""
+        self._check_index(j)
+        return self._keep([i for i in range(self.k) if i != j])
+
+    def only(self, j: int) -> Conditioning:
+        """The context tokens plus conditioner ``j`` alone."""
+        self._check_index(j)
+        return self._keep([j])
+
+    def subset(self, js: Sequence[int]) -> Conditioning:
+        """The context tokens plus the conditioners ``js`` (in that order)."""
+        for j in js:
+            self._check_index(j)
+        return self._keep(js)
+
+    def null(self) -> Conditioning:
+        """The model's null condition (no conditioner)."""
+        if self.null_tokens is None:
+            return self._keep([])
+        return Conditioning(
+            tokens=self.null_tokens,
+            owner=torch.full((self.null_tokens.shape[0],), -1, dtype=torch.long),
+            added=self.null_added if self.null_added is not None else self.added,
+            null_tokens=self.null_tokens,
+            null_added=self.null_added,
+        )
+
+    def resolved(self) -> Conditioning:
+        """What the model is actually fed: the null condition's tokens when this conditioning is empty."""
+        return self.null() if self.is_null and self.null_tokens is not None else self
+
+    def with_tokens(self, tokens: Tensor) -> Conditioning:
+        """A copy with replaced token embeddings of the same shape (e.g. perturbed for a JVP)."""
+        if tokens.shape != self.tokens.shape:
+            raise ValueError(f"replacement tokens must have shape {tuple(self.tokens.shape)}, got {tuple(tokens.shape)}")
+        return Conditioning(
+            tokens=tokens,
+            owner=self.owner,
+            labels=self.labels,
+            locations=self.locations,
+            added=self.added,
+            null_tokens=self.null_tokens,
+            null_added=self.null_added,
+            attributes=self.attributes,
+        )
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
+        """Move floating tensors to ``device`` / ``dtype`` (``owner`` stays int64)."""
+
+        def mv(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        return Conditioning(
+            tokens=mv(self.tokens),
+            owner=self.owner.to(device=device),
+            labels=self.labels,
+            locations=self.locations,
+            added={k: mv(v) for k, v in self.added.items()},
+            null_tokens=mv(self.null_tokens),
+            null_added=None if self.null_added is None else {k: mv(v) for k, v in self.null_added.items()},
+            attributes=self.attributes,
+        )
+
+    # ---------------------------------------------------------- construction
+    @staticmethod
+    def from_tokens(
+        context: Tensor,
+        conditioner_tokens: Sequence[Tensor],
+        *,
+        labels: Sequence[str] | None = None,
+        locations: Tensor | Sequence[Sequence[float]] | None = None,
+        null_tokens: Tensor | None = None,
+        attributes: Mapping[str, Sequence] | None = None,
+    ) -> Conditioning:
+        """Build from context tokens ``(L0, D)`` and one ``(n_j, D)`` token group per conditioner.
+
+        The context tokens come first (e.g. CLEVR's learned null token), then each conditioner's group.
+        """
+        groups = [g if g.dim() == 2 else g.unsqueeze(0) for g in conditioner_tokens]
+        tokens = torch.cat([context, *groups], dim=0) if groups else context
+        owner = torch.cat(
+            [torch.full((context.shape[0],), -1, dtype=torch.long)]
+            + [torch.full((g.shape[0],), j, dtype=torch.long) for j, g in enumerate(groups)]
+        )
+        labels = tuple(labels) if labels is not None else tuple(f"c{j}" for j in range(len(groups)))
+        if len(labels) != len(groups):
+            raise ValueError(f"{len(labels)} labels for {len(groups)} conditioners")
+        if locations is not None:
+            locations = torch.as_tensor(locations, dtype=torch.float32).reshape(-1, 2)
+        return Conditioning(
+            tokens=tokens,
+            owner=owner,
+            labels=labels,
+            locations=locations,
+            null_tokens=null_tokens,
+            attributes={k: tuple(v) for k, v in (attributes or {}).items()},
+        )
+
+
+@dataclass(frozen=True)
+class ConditioningBatch:
+    """Padded batch of conditionings, ready for a U-Net call.
+
+    Attributes:
+        tokens: ``(B, L, D)`` token embeddings, zero-padded.
+        mask: ``(B, L)`` bool, True where a token is attended.
+        added: per-sample extra inputs stacked to ``(B, ...)``.
+    """
+
+    tokens: Tensor
+    mask: Tensor
+    added: dict[str, Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @staticmethod
+    def stack(conds: Sequence[Conditioning], *, pad_to: int | None = None) -> ConditioningBatch:
+        """Pad ``conds`` (each resolved to the null condition when empty) into one batch."""
+        if not conds:
+            raise ValueError("cannot batch an empty list of conditionings")
+        conds = [c.resolved() for c in conds]
+        dims = {c.dim for c in conds}
+        if len(dims) != 1:
+            raise ValueError(f"conditionings with different token widths {sorted(dims)} cannot be batched")
+        length = max(c.tokens.shape[0] for c in conds)
+        if pad_to is not None:
+            if pad_to < length:
+                raise ValueError(f"pad_to={pad_to} is shorter than the longest conditioning ({length} tokens)")
+            length = pad_to
+        ref = conds[0].tokens
+        tokens = ref.new_zeros((len(conds), length, ref.shape[1]))
+        mask = torch.zeros((len(conds), length), dtype=torch.bool, device=ref.device)
+        for b, c in enumerate(conds):
+            n = c.tokens.shape[0]
+            tokens[b, :n] = c.tokens
+            mask[b, :n] = True
+        keys = set(conds[0].added)
+        if any(set(c.added) != keys for c in conds):
+            raise ValueError("conditionings in one batch must carry the same extra inputs (added)")
+        added = {k: torch.stack([c.added[k] for c in conds]) for k in sorted(keys)}
+        return ConditioningBatch(tokens=tokens, mask=mask, added=added)
+
+    def repeat(self, n: int) -> ConditioningBatch:
+        """Tile every sample ``n`` times along the batch (``[c0, c1, c0, c1, ...]``)."""
+        return ConditioningBatch(
+            tokens=self.tokens.repeat(n, 1, 1),
+            mask=self.mask.repeat(n, 1),
+            added={k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in self.added.items()},
+        )
+
+    @staticmethod
+    def concat(batches: Sequence[ConditioningBatch]) -> ConditioningBatch:
+        """Concatenate batches along the batch dimension, padding token sequences to a common length."""
+        length = max(b.tokens.shape[1] for b in batches)
+
+        def pad(t: Tensor, value: float | bool) -> Tensor:
+            extra = length - t.shape[1]
+            if extra == 0:
+                return t
+            shape = (t.shape[0], extra, *t.shape[2:])
+            return torch.cat([t, t.new_full(shape, value)], dim=1)
+
+        return ConditioningBatch(
+            tokens=torch.cat([pad(b.tokens, 0.0) for b in batches]),
+            mask=torch.cat([pad(b.mask, False) for b in batches]),
+            added={k: torch.cat([b.added[k] for b in batches]) for k in batches[0].added},
+        )

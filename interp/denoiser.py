@@ -1,0 +1,342 @@
+"""The Denoiser: a diffusion network plus everything needed to call it as a function of (x_t, t, c).
+
+``Denoiser`` wraps any ``nn.Module`` with the ``UNet2DConditionModel`` call signature
+(``module(sample, timestep, encoder_hidden_states, ...)``) — SDXL's U-Net, the CLEVR U-Nets, or a
+hand-made analytic model — together with a diffusers scheduler that fixes the noise schedule. Probes and
+interventions only ever see this one interface:
+
+* ``denoiser(x_t, t, cond)`` — the network's prediction (ε, v or x₀, whatever it was trained for),
+  classifier-free-guided if a guidance scale is set;
+* ``denoiser.branches(x_t, t, cond)`` — the ``uncond`` / ``cond`` / ``guided`` predictions, labelled;
+* ``denoiser.score(x_t, t, cond)`` — the score ∇ log p_t(x_t | c) = −ε̂ / σ_t, whatever the parameterisation.
+
+Coordinates: ``x_t`` is the network's own input, i.e. the variance-preserving sample
+``x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε`` (Euler-type samplers scale their state into this space before calling it).
+
+Classifier-free guidance comes in two shapes, both labelled for hooks (see :mod:`interp.context`):
+``cfg_mode="batched"`` makes one call on ``[uncond; cond]`` like the classic diffusers pipelines,
+``cfg_mode="separate"`` makes one call per branch like modular guiders.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from interp.conditioning import Conditioning, ConditioningBatch
+from interp.context import batched_cfg_branches, current_call, unet_call
+from interp.validation import check_finite
+
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+Branch = Literal["uncond", "cond", "guided"]
+CondLike = Conditioning | Sequence[Conditioning] | ConditioningBatch
+
+
+def _scheduler_from(scheduler: Any) -> Any:
+    from diffusers import DDPMScheduler
+
+    if scheduler is None:
+        return DDPMScheduler(num_train_timesteps=1000)
+    if isinstance(scheduler, Mapping):
+        cls_name = scheduler.get("_class_name", "DDPMScheduler")
+        import diffusers
+
+        cls = getattr(diffusers, cls_name, DDPMScheduler)
+        return cls.from_config(dict(scheduler))
+    return scheduler
+
+
+class Denoiser:
+    """Call a diffusion network as ``D(x_t, t, c)`` and convert its output to a score.
+
+    Args:
+        unet: any module with the ``UNet2DConditionModel`` call signature.
+        scheduler: a diffusers scheduler, or its config dict (default: DDPM, 1000 linear steps). Only its
+            noise schedule (``alphas_cumprod``) and prediction type are used here; sampling loops use it too.
+        prediction_type: override the scheduler's ``prediction_type``.
+        guidance_scale: classifier-free guidance scale; ``None`` or ``1.0`` means no guidance.
+        cfg_mode: ``"batched"`` (one call on ``[uncond; cond]``) or ``"separate"`` (one call per branch).
+        name: a name carried into result metadata.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        scheduler: Any = None,
+        *,
+        prediction_type: PredictionType | None = None,
+        guidance_scale: float | None = None,
+        cfg_mode: Literal["batched", "separate"] = "batched",
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(unet, nn.Module):
+            raise TypeError(f"Denoiser wraps an nn.Module, got {type(unet).__name__}")
+        if cfg_mode not in ("batched", "separate"):
+            raise ValueError(f"cfg_mode must be 'batched' or 'separate', got {cfg_mode!r}")
+        self.unet = unet
+        self.scheduler = _scheduler_from(scheduler)
+        self.prediction_type: PredictionType = prediction_type or self.scheduler.config.get(
+            "prediction_type", "epsilon"
+        )
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        self.guidance_scale = guidance_scale
+        self.cfg_mode = cfg_mode
+        self.name = name or type(unet).__name__
+        params = inspect.signature(unet.forward).parameters
+        self._accepts = set(params)
+        self._var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        alphas = getattr(self.scheduler, "alphas_cumprod", None)
+        if alphas is None:
+            raise ValueError(f"scheduler {type(self.scheduler).__name__} has no alphas_cumprod noise schedule")
+        self.alphas_cumprod = torch.as_tensor(alphas, dtype=torch.float64)
+
+    # ----------------------------------------------------------------- model facts
+    @property
+    def config(self) -> Mapping[str, Any]:
+        """The wrapped network's config (empty for modules without one)."""
+        return getattr(self.unet, "config", {}) or {}
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.unet.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(self.unet.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
+    @property
+    def in_channels(self) -> int | None:
+        return self.config.get("in_channels")
+
+    @property
+    def cross_attention_dim(self) -> int | None:
+        dim = self.config.get("cross_attention_dim")
+        return dim[0] if isinstance(dim, (list, tuple)) else dim
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    def timestep(self, fraction: float | Sequence[float] | Tensor) -> Tensor:
+        """Training timestep(s) at ``fraction`` ∈ [0, 1] of the schedule (0 = clean, 1 = pure noise)."""
+        f = torch.as_tensor(fraction, dtype=torch.float64)
+        if (f < 0).any() or (f > 1).any():
+            raise ValueError(f"noise fractions must lie in [0, 1], got {f.tolist()}")
+        return torch.round(f * (self.num_train_timesteps - 1)).long()
+
+    def alpha_bar(self, t: Tensor | float | int) -> Tensor:
+        """ᾱ_t, linearly interpolated for non-integer timesteps; float64 of ``t``'s shape."""
+        t = torch.as_tensor(t, dtype=torch.float64).cpu()
+        T = self.alphas_cumprod.shape[0]
+        if (t < 0).any() or (t > T - 1).any():
+            raise ValueError(f"timesteps must lie in [0, {T - 1}], got {t.flatten()[:8].tolist()}")
+        lo = t.floor().long().clamp(max=T - 1)
+        hi = (lo + 1).clamp(max=T - 1)
+        w = t - lo
+        return (1 - w) * self.alphas_cumprod[lo] + w * self.alphas_cumprod[hi]
+
+    def sigma(self, t: Tensor | float | int) -> Tensor:
+        """Noise std of the VP sample, σ_t = √(1 − ᾱ_t)."""
+        return (1 - self.alpha_bar(t)).sqrt()
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | float | int) -> Tensor:
+        """Forward process: ``x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε`` (``t`` scalar or ``(B,)``)."""
+        ab = self._per_sample(self.alpha_bar(t), x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    @staticmethod
+    def _per_sample(values: Tensor, like: Tensor) -> Tensor:
+        values = values.to(device=like.device, dtype=like.dtype)
+        if values.dim() == 0:
+            return values
+        return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+    # ----------------------------------------------------------------- validation
+    def _check_inputs(self, x_t: Tensor, t: Tensor) -> None:
+        if not isinstance(x_t, Tensor):
+            raise TypeError(f"x_t must be a torch.Tensor, got {type(x_t).__name__}")
+        if x_t.dim() != 4:
+            raise ValueError(f"x_t must be (B, C, H, W), got shape {tuple(x_t.shape)}")
+        if self.in_channels is not None and x_t.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x_t has {x_t.shape[1]} channels but {self.name} expects {self.in_channels}: "
+                f"pass (B, {self.in_channels}, H, W)"
+            )
+        if not x_t.is_floating_point():
+            raise TypeError(f"x_t must be floating point, got {x_t.dtype}; use x_t.float()")
+        if x_t.device != self.device:
+            raise ValueError(f"x_t is on {x_t.device} but {self.name} is on {self.device}: use x_t.to({str(self.device)!r})")
+        check_finite("x_t", x_t)
+        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, x_t.shape[0])):
+            raise ValueError(f"t must be a scalar or ({x_t.shape[0]},), got shape {tuple(t.shape)}")
+
+    def _batch_cond(self, cond: CondLike | None, batch: int) -> ConditioningBatch:
+        if cond is None:
+            raise ValueError("no conditioning given; pass Conditioning.null() of the model for the null condition")
+        if isinstance(cond, ConditioningBatch):
+            cb = cond
+        elif isinstance(cond, Conditioning):
+            cb = ConditioningBatch.stack([cond]).repeat(batch)
+        else:
+            cb = ConditioningBatch.stack(list(cond))
+        if cb.batch_size != batch:
+            raise ValueError(f"{cb.batch_size} conditionings for a batch of {batch} samples")
+        want = self.cross_attention_dim
+        if want is not None and cb.tokens.shape[-1] != want:
+            raise ValueError(
+                f"conditioning tokens have width {cb.tokens.shape[-1]} but {self.name} cross-attends to width {want}"
+            )
+        if cb.tokens.device != self.device:
+            raise ValueError(
+                f"conditioning is on {cb.tokens.device} but {self.name} is on {self.device}: use cond.to({str(self.device)!r})"
+            )
+        check_finite("conditioning tokens", cb.tokens)
+        return cb
+
+    # ----------------------------------------------------------------- calls
+    def _call_unet(self, x: Tensor, t: Tensor, cb: ConditioningBatch) -> Tensor:
+        kwargs: dict[str, Any] = {}
+        if not bool(cb.mask.all()):
+            kwargs["encoder_attention_mask"] = cb.mask
+        if cb.added:
+            kwargs["added_cond_kwargs"] = {k: v.to(self.dtype) for k, v in cb.added.items()}
+        if "return_dict" in self._accepts or self._var_kw:
+            kwargs["return_dict"] = False
+        out = self.unet(x.to(self.dtype), t, cb.tokens.to(self.dtype), **kwargs)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        elif not isinstance(out, Tensor):
+            out = out.sample
+        return out
+
+    def _timesteps(self, t: Tensor | float | int, batch: int) -> Tensor:
+        t = torch.as_tensor(t, device=self.device)
+        if t.dim() == 1 and t.shape[0] == 1:
+            t = t[0]
+        return t
+
+    def predict(self, x_t: Tensor, t: Tensor | float | int, cond: CondLike, *, branch: Branch = "cond") -> Tensor:
+        """One branch's raw prediction.
+
+        Args:
+            x_t: ``(B, C, H, W)`` noisy input in the network's coordinates.
+            t: scalar or ``(B,)`` training timestep(s).
+            cond: one :class:`Conditioning` (broadcast over the batch), one per sample, or a batch.
+            branch: ``"cond"``, ``"uncond"`` (the null condition) or ``"guided"``.
+
+        Returns:
+            ``(B, C, H, W)`` prediction in ``x_t``'s dtype.
+        """
+        if branch == "guided":
+            return self.branches(x_t, t, cond)["guided"]
+        if branch not in ("cond", "uncond"):
+            raise ValueError(f"branch must be 'cond', 'uncond' or 'guided', got {branch!r}")
+        t = self._timesteps(t, x_t.shape[0])
+        self._check_inputs(x_t, t)
+        if branch == "uncond":
+            cond = self._nulls(cond, x_t.shape[0])
+        cb = self._batch_cond(cond, x_t.shape[0])
+        outer = current_call()
+        with unet_call(((branch, slice(0, x_t.shape[0])),), step=outer.step if outer else None):
+            return self._call_unet(x_t, t, cb).to(x_t.dtype)
+
+    def _nulls(self, cond: CondLike, batch: int) -> CondLike:
+        if isinstance(cond, Conditioning):
+            return cond.null()
+        if isinstance(cond, ConditioningBatch):
+            raise TypeError("the null condition of a ConditioningBatch is unknown; pass Conditioning objects for CFG")
+        return [c.null() for c in cond]
+
+    def branches(self, x_t: Tensor, t: Tensor | float | int, cond: CondLike, *, guidance_scale: float | None = None) -> dict[str, Tensor]:
+        """The ``uncond``, ``cond`` and ``guided`` predictions, each ``(B, C, H, W)``.
+
+        ``guided = uncond + s · (cond − uncond)`` with ``s = guidance_scale`` (default: the denoiser's, else 1).
+        """
+        scale = guidance_scale if guidance_scale is not None else (self.guidance_scale or 1.0)
+        B = x_t.shape[0]
+        t = self._timesteps(t, B)
+        self._check_inputs(x_t, t)
+        cb_c = self._batch_cond(cond, B)
+        cb_u = self._batch_cond(self._nulls(cond, B), B)
+        outer = current_call()
+        step = outer.step if outer else None
+        if self.cfg_mode == "batched":
+            both = ConditioningBatch.concat([cb_u, cb_c])
+            tt = t if t.dim() == 0 else torch.cat([t, t])
+            with unet_call(batched_cfg_branches(2 * B), step=step):
+                out = self._call_unet(torch.cat([x_t, x_t]), tt, both).to(x_t.dtype)
+            uncond, cond_out = out[:B], out[B:]
+        else:
+            with unet_call((("uncond", slice(0, B)),), step=step):
+                uncond = self._call_unet(x_t, t, cb_u).to(x_t.dtype)
+            with unet_call((("cond", slice(0, B)),), step=step):
+                cond_out = self._call_unet(x_t, t, cb_c).to(x_t.dtype)
+        return {"uncond": uncond, "cond": cond_out, "guided": uncond + scale * (cond_out - uncond)}
+
+    def __call__(self, x_t: Tensor, t: Tensor | float | int, cond: CondLike, *, guidance_scale: float | None = None) -> Tensor:
+        """The prediction the sampler uses: guided when a guidance scale ≠ 1 is set, else conditional."""
+        scale = guidance_scale if guidance_scale is not None else self.guidance_scale
+        if scale is None or scale == 1.0:
+            return self.predict(x_t, t, cond, branch="cond")
+        return self.branches(x_t, t, cond, guidance_scale=scale)["guided"]
+
+    # ----------------------------------------------------------------- conversions
+    def to_epsilon(self, prediction: Tensor, x_t: Tensor, t: Tensor | float | int) -> Tensor:
+        """Convert a raw prediction of this denoiser's type to ε̂."""
+        if self.prediction_type == "epsilon":
+            return prediction
+        ab = self._per_sample(self.alpha_bar(t), x_t)
+        if self.prediction_type == "v_prediction":
+            return ab.sqrt() * prediction + (1 - ab).sqrt() * x_t
+        return (x_t - ab.sqrt() * prediction) / (1 - ab).sqrt()
+
+    def to_x0(self, prediction: Tensor, x_t: Tensor, t: Tensor | float | int) -> Tensor:
+        """Convert a raw prediction to the denoised estimate x̂₀ = (x_t − √(1−ᾱ) ε̂) / √ᾱ."""
+        ab = self._per_sample(self.alpha_bar(t), x_t)
+        return (x_t - (1 - ab).sqrt() * self.to_epsilon(prediction, x_t, t)) / ab.sqrt()
+
+    def score(
+        self,
+        x_t: Tensor,
+        t: Tensor | float | int,
+        cond: CondLike,
+        *,
+        branch: Branch | None = None,
+        guidance_scale: float | None = None,
+    ) -> Tensor:
+        """The score ∇_x log p_t(x_t | c) = −ε̂ / √(1 − ᾱ_t), ``(B, C, H, W)``.
+
+        ``branch=None`` scores what :meth:`__call__` predicts (guided if guidance is on).
+        """
+        if branch is None:
+            pred = self(x_t, t, cond, guidance_scale=guidance_scale)
+        elif branch == "guided":
+            pred = self.branches(x_t, t, cond, guidance_scale=guidance_scale)["guided"]
+        else:
+            pred = self.predict(x_t, t, cond, branch=branch)
+        sigma = self._per_sample(self.sigma(t), x_t)
+        return -self.to_epsilon(pred, x_t, t) / sigma
+
+    def metadata(self) -> dict[str, Any]:
+        """Model facts carried into every result (name, class, config hash, prediction type)."""
+        from interp.metadata import config_hash
+
+        return {
+            "model": self.name,
+            "model_class": type(self.unet).__name__,
+            "config_hash": config_hash(self.config),
+            "prediction_type": self.prediction_type,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Denoiser({self.name}, prediction={self.prediction_type}, guidance={self.guidance_scale}, "
+            f"cfg_mode={self.cfg_mode}, device={self.device}, dtype={self.dtype})"
+        )
