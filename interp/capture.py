@@ -1,0 +1,426 @@
+"""Capture: record activations at sites, per denoising step and per CFG branch.
+
+Two ways to read activations:
+
+* :func:`capture` — a context manager for bulk recording. Run anything inside it (a
+  :class:`~interp.Denoiser` call, :func:`~interp.sample`, a whole diffusers pipeline) and every call of
+  every resolved module is recorded into an :class:`~interp.store.ActivationStore`, keyed by site, step,
+  branch and call. Steps and branches come from :mod:`interp.context` when a Denoiser or the sampling
+  loop drives the U-Net; for a raw pipeline call they are inferred from the call count and the CFG shape
+  (``cfg="batched"``: ``[uncond; cond]`` halves; ``cfg="separate"``: alternating calls).
+* :func:`read_activation` — a *differentiable* function ``(x_t, t, cond) -> h_L`` that stops the forward
+  right after the site. Probes use it inside ``torch.func`` transforms.
+
+Every capture knows its byte cost before it runs when given a :class:`CapturePlan` (a shape-only pass
+with fake tensors: no compute, no memory), and enforces a memory budget in any case: past it the capture
+streams to safetensors shards on disk, or refuses with the number (``on_over_budget="raise"``).
+
+Hooks are installed on module boundaries only and removed on every exit path.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from interp.context import UNetCall, batched_cfg_branches, current_call
+from interp.hooks import HookSet, primary_tensor
+from interp.site import Site, SiteError, as_sites, resolve_paths
+from interp.store import ActivationKey, ActivationStore, MemoryStore, ShardedStore
+from interp.validation import format_bytes, parse_bytes
+
+log = logging.getLogger(__name__)
+
+CfgShape = Literal["batched", "separate"] | None
+
+
+class CaptureBudgetError(MemoryError):
+    """A capture would exceed its memory budget and was told not to stream to disk."""
+
+
+def unet_of(target: Any) -> nn.Module:
+    """The network inside a Denoiser, a diffusers pipeline, or a bare module."""
+    from interp.denoiser import Denoiser
+
+    if isinstance(target, Denoiser):
+        return target.unet
+    if isinstance(target, nn.Module):
+        return target
+    unet = getattr(target, "unet", None) or getattr(target, "transformer", None)
+    if isinstance(unet, nn.Module):
+        return unet
+    raise TypeError(f"cannot find a network in {type(target).__name__}; pass a Denoiser, a pipeline or an nn.Module")
+
+
+def _input_hw(args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    x = args[0] if args else kwargs.get("sample")
+    return tuple(x.shape[-2:]) if isinstance(x, Tensor) and x.dim() == 4 else None
+
+
+def _batch_of(args: tuple, kwargs: dict) -> int:
+    x = args[0] if args else kwargs.get("sample")
+    return int(x.shape[0]) if isinstance(x, Tensor) else 1
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    """The byte cost of a capture, known before it runs.
+
+    Attributes:
+        per_call: ``{site_path: (shape, dtype, bytes)}`` for one U-Net call (all branches of the batch).
+        calls: number of U-Net calls the run will make.
+    """
+
+    per_call: dict[str, tuple[tuple[int, ...], str, int]]
+    calls: int
+
+    @property
+    def bytes_per_call(self) -> int:
+        return sum(b for _, _, b in self.per_call.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return self.bytes_per_call * self.calls
+
+    def frame(self):
+        """Tidy frame: one row per site with its per-call shape and total bytes."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            [{"site": s, "shape": shp, "dtype": dt, "bytes_per_call": b, "calls": self.calls, "total_bytes": b * self.calls}
+             for s, (shp, dt, b) in self.per_call.items()]
+        )
+
+    def __str__(self) -> str:
+        return (f"{len(self.per_call)} modules x {self.calls} calls = {format_bytes(self.total_bytes)} "
+                f"({format_bytes(self.bytes_per_call)} per call)")
+
+
+def plan_capture(
+    target: Any,
+    sites: Site | str | Iterable[Site | str],
+    *,
+    sample_shape: Sequence[int],
+    tokens_shape: Sequence[int] | None = None,
+    added: dict[str, Sequence[int]] | None = None,
+    calls: int = 1,
+    store_dtype: torch.dtype | None = None,
+) -> CapturePlan:
+    """Estimate a capture's bytes with one shape-only U-Net pass on fake tensors.
+
+    Args:
+        target: Denoiser, pipeline or U-Net.
+        sites: what will be captured.
+        sample_shape: ``(B, C, H, W)`` of one U-Net call (``2B`` for batched CFG).
+        tokens_shape: ``(B, L, D)`` of ``encoder_hidden_states`` (default ``(B, 77, cross_attention_dim)``).
+        added: shapes of ``added_cond_kwargs`` entries without batch dim (SDXL: text_embeds, time_ids).
+        calls: number of U-Net calls (steps x separate CFG calls).
+        store_dtype: dtype tensors will be stored in (default: the activations' own).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    unet = unet_of(target)
+    cfg = getattr(unet, "config", {}) or {}
+    B = int(sample_shape[0])
+    if tokens_shape is None:
+        dim = cfg.get("cross_attention_dim", 768)
+        tokens_shape = (B, 77, dim[0] if isinstance(dim, (list, tuple)) else dim)
+    if added is None and cfg.get("addition_embed_type") == "text_time":
+        proj = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+        added = {"text_embeds": (proj,), "time_ids": (6,)}
+    resolved = [(s, p, m) for s in as_sites(sites) for p, m in s.resolve(unet)]
+    shapes: dict[str, tuple[tuple[int, ...], str, int]] = {}
+
+    def recorder(path: str, site: Site) -> Callable:
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            t = args[0] if site.io == "input" else primary_tensor(out)
+            dt = store_dtype or t.dtype
+            shapes[path] = (tuple(t.shape), str(dt).removeprefix("torch."), t.numel() * torch.empty((), dtype=dt).element_size())
+
+        return hook
+
+    device = next(unet.parameters()).device
+    dtype = next(unet.parameters()).dtype
+    with HookSet() as hooks, FakeTensorMode(allow_non_fake_inputs=True):
+        for site, path, module in resolved:
+            hooks.forward(module, recorder(path, site))
+        kwargs: dict[str, Any] = {}
+        if added:
+            kwargs["added_cond_kwargs"] = {k: torch.empty((B, *v), device=device, dtype=dtype) for k, v in added.items()}
+        unet(
+            torch.empty(tuple(sample_shape), device=device, dtype=dtype),
+            torch.tensor(1, device=device),
+            torch.empty(tuple(tokens_shape), device=device, dtype=dtype),
+            **kwargs,
+        )
+    return CapturePlan(per_call=shapes, calls=int(calls))
+
+
+# --------------------------------------------------------------------------- capture
+
+
+@dataclass
+class _CallState:
+    index: int
+    step: int
+    branches: tuple[tuple[str, slice], ...]
+    image_hw: tuple[int, int] | None
+
+
+@dataclass
+class Capture:
+    """Records activations at sites while code runs inside ``with capture(...)``.
+
+    Use :func:`capture` to build one. After the block, :attr:`store` holds the tensors (on CPU).
+    """
+
+    target: Any
+    sites: list[Site]
+    store: ActivationStore
+    budget: int | None = None
+    on_over_budget: Literal["stream", "raise"] = "stream"
+    spill_dir: Path | None = None
+    cfg: CfgShape = None
+    count_steps: bool = False
+    store_dtype: torch.dtype | None = None
+    plan: CapturePlan | None = None
+    resolved: list[tuple[Site, str, nn.Module]] = field(default_factory=list)
+    calls: int = 0
+    _hooks: HookSet = field(default_factory=HookSet)
+    _state: _CallState | None = None
+
+    # ------------------------------------------------------------- lifecycle
+    def __enter__(self) -> Capture:
+        unet = unet_of(self.target)
+        self.resolved = [(s, p, m) for s in self.sites for p, m in s.resolve(unet)]
+        if self.plan is not None and self.budget is not None and self.plan.total_bytes > self.budget:
+            self._over_budget(self.plan.total_bytes, before=True)
+        try:
+            self._hooks.pre(unet, self._on_unet_call)
+            self._hooks.forward(unet, self._on_unet_return)
+            for site, path, module in self.resolved:
+                if site.io == "input":
+                    self._hooks.pre(module, self._reader(site, path, from_input=True))
+                else:
+                    self._hooks.forward(module, self._reader(site, path, from_input=False))
+        except BaseException:
+            self._hooks.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.remove()
+        self._state = None
+        self.store.flush()
+
+    # ------------------------------------------------------------- hooks
+    def _on_unet_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ctx: UNetCall | None = current_call()
+        batch = _batch_of(args, kwargs)
+        branches: tuple[tuple[str, slice], ...]
+        if ctx is not None and ctx.branches:
+            branches = ctx.branches
+        elif self._cfg_shape() == "batched":
+            branches = batched_cfg_branches(batch)
+        elif self._cfg_shape() == "separate":
+            branches = ((("uncond", "cond")[self.calls % 2], slice(0, batch)),)
+        else:
+            branches = (("cond", slice(0, batch)),)
+        if ctx is not None and ctx.step is not None:
+            step = ctx.step
+        elif self.count_steps:
+            step = self.calls // (2 if self._cfg_shape() == "separate" else 1)
+        else:
+            step = -1
+        self._state = _CallState(self.calls, step, branches, _input_hw(args, kwargs))
+
+    def _on_unet_return(self, module: nn.Module, args: tuple, out: Any) -> None:
+        self.calls += 1
+        self._state = None
+
+    def _cfg_shape(self) -> CfgShape:
+        if self.cfg is not None:
+            return self.cfg
+        # A diffusers pipeline running classic CFG batches [uncond; cond] in one call.
+        if getattr(self.target, "do_classifier_free_guidance", False) and not isinstance(self.target, nn.Module):
+            return "batched"
+        return None
+
+    def _reader(self, site: Site, path: str, *, from_input: bool) -> Callable:
+        def read(tensor: Tensor) -> None:
+            state = self._state
+            if state is None:  # the module ran outside a U-Net call (e.g. a direct submodule call)
+                state = _CallState(self.calls, -1, (("cond", slice(0, tensor.shape[0])),), None)
+            for branch, rows in state.branches:
+                if not site.applies(None if state.step < 0 else state.step, branch):
+                    continue
+                part = site.select(tensor[rows], state.image_hw).detach()
+                if self.store_dtype is not None:
+                    part = part.to(self.store_dtype)
+                part = part.to("cpu", copy=True).contiguous() if part.device.type != "cpu" else part.clone()
+                self._put(ActivationKey(path, state.step, branch, state.index), part)
+
+        if from_input:
+            return lambda module, args, kwargs: read(args[0] if args else next(iter(kwargs.values())))
+        return lambda module, args, out: read(primary_tensor(out))
+
+    # ------------------------------------------------------------- budget
+    def _put(self, key: ActivationKey, tensor: Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        # A disk store's RAM is bounded by its shard size; only a memory store can outgrow the budget.
+        if self.budget is not None and isinstance(self.store, MemoryStore) and self.store.nbytes + nbytes > self.budget:
+            self._over_budget(self.store.nbytes + nbytes, before=False)
+        self.store.put(key, tensor)
+
+    def _over_budget(self, needed: int, *, before: bool) -> None:
+        if not isinstance(self.store, MemoryStore):
+            return
+        what = "would need" if before else "has reached"
+        msg = f"capture {what} {format_bytes(needed)}, over its memory budget of {format_bytes(self.budget or 0)}"
+        if self.on_over_budget == "raise":
+            raise CaptureBudgetError(
+                msg + "; raise budget=, capture fewer sites/steps, or pass on_over_budget='stream' to write to disk"
+            )
+        root = self.spill_dir or Path(tempfile.mkdtemp(prefix="scorescope-capture-"))
+        log.warning("%s; streaming to %s", msg, root)
+        disk = ShardedStore(root, metadata=self.store.metadata, shard_bytes=min(self.budget or 2**26, 2**26))
+        for k, t in self.store.items():
+            disk.put(k, t)
+        self.store = disk
+
+    # ------------------------------------------------------------- results
+    def frame(self):
+        """Tidy frame of what was captured (see :meth:`ActivationStore.frame`)."""
+        return self.store.frame()
+
+
+def capture(
+    target: Any,
+    sites: Site | str | Iterable[Site | str],
+    *,
+    store: Literal["memory"] | str | Path | ActivationStore = "memory",
+    budget: int | str | None = "4GiB",
+    on_over_budget: Literal["stream", "raise"] = "stream",
+    spill_dir: str | Path | None = None,
+    cfg: CfgShape = None,
+    count_steps: bool | None = None,
+    store_dtype: torch.dtype | None = None,
+    plan: CapturePlan | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Capture:
+    """Record activations at ``sites`` for everything run inside the returned context manager.
+
+    Args:
+        target: a :class:`~interp.Denoiser`, a diffusers pipeline, or the U-Net module itself.
+        sites: :class:`~interp.Site` objects or path/glob strings (``"*.attn2"``).
+        store: ``"memory"``, a folder to stream safetensors shards into, or an ActivationStore.
+        budget: memory budget for captured tensors (bytes or ``"4GiB"``); ``None`` for no limit.
+        on_over_budget: ``"stream"`` spills to disk (``spill_dir`` or a temp folder); ``"raise"`` refuses.
+        cfg: CFG shape of calls not announced by a Denoiser (raw pipeline / U-Net calls):
+            ``"batched"`` = ``[uncond; cond]`` halves, ``"separate"`` = alternating calls, ``None`` = auto
+            (batched for a pipeline running CFG, else one ``cond`` branch).
+        count_steps: number unannounced calls as steps (default: True for pipelines).
+        store_dtype: store activations in this dtype (e.g. ``torch.float16`` to halve the bytes).
+        plan: a :func:`plan_capture` estimate: the budget is then checked *before* anything runs.
+        metadata: saved with the store (model, seed, ...).
+
+    Returns:
+        A :class:`Capture`; after the ``with`` block, ``cap.store`` holds ``(B, ...)`` CPU tensors keyed by
+        :class:`~interp.store.ActivationKey` (site, step, branch, call).
+    """
+    from interp.metadata import version
+
+    meta = {"scorescope_version": version(), **(metadata or {})}
+    if hasattr(target, "metadata") and callable(target.metadata):
+        meta = {**target.metadata(), **meta}
+    meta["sites"] = [s.path for s in as_sites(sites)]
+    if isinstance(store, ActivationStore):
+        st = store
+    elif store == "memory":
+        st = MemoryStore(metadata=meta)
+    else:
+        st = ShardedStore(Path(store), metadata=meta)
+    if count_steps is None:
+        count_steps = not isinstance(target, nn.Module) and not hasattr(target, "predict")
+    return Capture(
+        target=target,
+        sites=as_sites(sites),
+        store=st,
+        budget=parse_bytes(budget),
+        on_over_budget=on_over_budget,
+        spill_dir=Path(spill_dir) if spill_dir else None,
+        cfg=cfg,
+        count_steps=count_steps,
+        store_dtype=store_dtype,
+        plan=plan,
+    )
+
+
+# --------------------------------------------------------------------------- differentiable reads
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once every wanted activation has been read."""
+
+
+def read_activations(
+    denoiser: Any,
+    sites: Sequence[str],
+    x_t: Tensor,
+    t: Tensor | float | int,
+    cond: Any,
+    *,
+    branch: Literal["cond", "uncond"] = "cond",
+    stop_early: bool = True,
+) -> dict[str, Tensor]:
+    """Differentiable activations ``{path: (B, ...)}`` at exact module paths for one Denoiser call.
+
+    Nothing is detached, so this composes with ``torch.autograd`` and ``torch.func`` (vjp, jvp, vmap). With
+    ``stop_early`` the forward pass ends right after the last wanted module runs.
+    """
+    unet = unet_of(denoiser)
+    modules: dict[str, nn.Module] = {}
+    for pattern in sites:
+        hits = resolve_paths(unet, pattern)
+        if len(hits) != 1:
+            names = ", ".join(p for p, _ in hits[:6])
+            raise SiteError(f"{pattern!r} matches {len(hits)} modules ({names}...); read_activation needs exact paths")
+        modules[hits[0][0]] = hits[0][1]
+    box: dict[str, Tensor] = {}
+
+    def hook_for(path: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            box[path] = primary_tensor(out)
+            if stop_early and len(box) == len(modules):
+                raise _StopForward
+
+        return hook
+
+    with HookSet() as hooks:
+        for path, module in modules.items():
+            hooks.forward(module, hook_for(path))
+        try:
+            denoiser.predict(x_t, t, cond, branch=branch)
+        except _StopForward:
+            pass
+    missing = [p for p in modules if p not in box]
+    if missing:
+        raise RuntimeError(f"modules {missing} did not run during the forward pass")
+    return box
+
+
+def read_activation(
+    denoiser: Any, site: str, x_t: Tensor, t: Tensor | float | int, cond: Any, *, branch: Literal["cond", "uncond"] = "cond"
+) -> Tensor:
+    """The differentiable output of the one module at ``site`` (see :func:`read_activations`)."""
+    return next(iter(read_activations(denoiser, [site], x_t, t, cond, branch=branch).values()))
