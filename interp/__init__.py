@@ -13,6 +13,25 @@ from interp.site import Site, SiteError, module_paths, resolve_paths
 
 __version__ = "0.1.0"
 
+# Classes diffusers must find as ``getattr(interp, name)`` when ``ClevrPipeline.from_pretrained`` loads a
+# pipeline saved with them (it resolves custom components through the top-level package). Imported lazily
+# so that ``import interp`` stays cheap.
+_LAZY = {
+    "ClevrLocalUNet": "interp.models.clevr_local",
+    "LocatedLocationEncoder": "interp.models.clevr_local",
+    "ColourLocationEncoder": "interp.clevr.colour",
+    "load_clevr": "interp.clevr.checkpoints",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'interp' has no attribute {name!r}")
+
+
 __all__ = [
     "ClevrPipeline",
     "Conditioning",

@@ -170,7 +170,9 @@ def plan_capture(
 
 
 @dataclass
-class _CallState:
+class CallState:
+    """Labels of one U-Net call: its index in the capture, step (``-1``: none), branch layout, input ``(H, W)``."""
+
     index: int
     step: int
     branches: tuple[tuple[str, slice], ...]
@@ -197,7 +199,7 @@ class Capture:
     resolved: list[tuple[Site, str, nn.Module]] = field(default_factory=list)
     calls: int = 0
     _hooks: HookSet = field(default_factory=HookSet)
-    _state: _CallState | None = None
+    _state: CallState | None = None
 
     # ------------------------------------------------------------- lifecycle
     def __enter__(self) -> Capture:
@@ -242,7 +244,7 @@ class Capture:
             step = self.calls // (2 if self._cfg_shape() == "separate" else 1)
         else:
             step = -1
-        self._state = _CallState(self.calls, step, branches, _input_hw(args, kwargs))
+        self._state = CallState(self.calls, step, branches, _input_hw(args, kwargs))
 
     def _on_unet_return(self, module: nn.Module, args: tuple, out: Any) -> None:
         self.calls += 1
@@ -260,19 +262,28 @@ class Capture:
         def read(tensor: Tensor) -> None:
             state = self._state
             if state is None:  # the module ran outside a U-Net call (e.g. a direct submodule call)
-                state = _CallState(self.calls, -1, (("cond", slice(0, tensor.shape[0])),), None)
-            for branch, rows in state.branches:
-                if not site.applies(None if state.step < 0 else state.step, branch):
-                    continue
-                part = site.select(tensor[rows], state.image_hw).detach()
-                if self.store_dtype is not None:
-                    part = part.to(self.store_dtype)
-                part = part.to("cpu", copy=True).contiguous() if part.device.type != "cpu" else part.clone()
-                self._put(ActivationKey(path, state.step, branch, state.index), part)
+                state = CallState(self.calls, -1, (("cond", slice(0, tensor.shape[0])),), None)
+            self.record(site, path, tensor, state)
 
         if from_input:
             return lambda module, args, kwargs: read(args[0] if args else next(iter(kwargs.values())))
         return lambda module, args, out: read(primary_tensor(out))
+
+    def record(self, site: Site, path: str, tensor: Tensor, state: CallState) -> None:
+        """Store each applicable branch of one module activation ``(B_call, ...)`` as a ``(B_branch, ...)`` copy.
+
+        Shared by both backends (torch hooks here, :mod:`interp.nnsight_backend`), so the selection,
+        dtype and copy semantics — hence the stored bits — cannot drift apart.
+        """
+        for branch, rows in state.branches:
+            if not site.applies(None if state.step < 0 else state.step, branch):
+                continue
+            part = site.select(tensor[rows], state.image_hw).detach()
+            if self.store_dtype is not None:
+                part = part.to(self.store_dtype)
+            # Always a copy: the model may reuse or modify its buffers after the hook returns.
+            part = part.to("cpu", copy=True).contiguous() if part.device.type != "cpu" else part.clone()
+            self._put(ActivationKey(path, state.step, branch, state.index), part)
 
     # ------------------------------------------------------------- budget
     def _put(self, key: ActivationKey, tensor: Tensor) -> None:
@@ -364,6 +375,38 @@ def capture(
         store_dtype=store_dtype,
         plan=plan,
     )
+
+
+Backend = Literal["torch", "nnsight"]
+
+
+def capture_run(
+    target: Any,
+    sites: Site | str | Iterable[Site | str],
+    run: Callable[[], Any],
+    *,
+    backend: Backend = "torch",
+    calls: int | None = None,
+    **kwargs: Any,
+) -> tuple[Capture, Any]:
+    """Run ``run()`` while capturing ``sites`` with either backend; returns ``(capture, run's result)``.
+
+    ``backend="torch"`` is ``with capture(target, sites, **kwargs): run()`` (plain forward hooks, the
+    default). ``backend="nnsight"`` runs ``run`` as the function of an nnsight trace
+    (:func:`interp.nnsight_backend.capture_nnsight`; nnsight is imported only then). Both fill the same
+    :class:`~interp.store.ActivationStore` format. The nnsight backend cannot read the step/branch that a
+    Denoiser announces, so pass ``cfg=`` / ``count_steps=`` that describe the run (see that function);
+    ``calls`` (the number of U-Net calls ``run`` makes) bounds its step loop and is checked.
+    """
+    if backend == "torch":
+        with capture(target, sites, **kwargs) as cap:
+            result = run()
+        return cap, result
+    if backend == "nnsight":
+        from interp.nnsight_backend import capture_nnsight
+
+        return capture_nnsight(target, sites, run, calls=calls, **kwargs)
+    raise ValueError(f"backend must be 'torch' or 'nnsight', got {backend!r}")
 
 
 # --------------------------------------------------------------------------- differentiable reads

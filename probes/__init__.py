@@ -1,0 +1,65 @@
+"""probes: measure locality of a conditional diffusion model (the *probe* verb of scorescope).
+
+Every probe takes a :class:`interp.Denoiser` (any module with the ``UNet2DConditionModel`` call signature),
+a :class:`interp.Conditioning`, noise levels (fractions of the schedule) and seeds, and returns a
+:class:`ProbeResult`: maps with metadata plus a tidy ``pandas.DataFrame`` via ``.frame()``.
+
+* :func:`pixel_locality` — Jacobian maps ∂D_i/∂x, Niedoba's aggregate G(i, j), mass summaries
+  (dense batched VJPs, or ``method="compressed"``: :func:`compressed_jacobian`, certified colourings);
+* :func:`conditional_locality` — ∂D/∂c_j by forward-mode JVP and ablation maps, in-region / leakage /
+  effective number of conditioners;
+* :func:`cpc_residual` — distance of the score from the masked composition of single-conditioner scores;
+* :func:`feature_dependence`, :func:`concept_cosines`, :func:`linear_probe_map` — the same questions on a
+  layer's activation;
+* :func:`integrated_gradients_map` — captum baseline in the conditional maps' format;
+* :func:`locality_sweep` — sites × noise levels × seeds, resumable, one tidy frame.
+"""
+
+from probes.baselines import integrated_gradients_map
+from probes.compressed import CompressedJacobian, compressed_jacobian
+from probes.conditional import conditional_locality, conditioner_jvp
+from probes.cpc import composition_masks, cpc_residual
+from probes.features import concept_cosines, feature_dependence, linear_probe_map
+from probes.forward_mode import forward_mode_ready
+from probes.jacobian import aggregate_map, pixel_jacobian, pixel_locality
+from probes.results import ProbeResult, concat_frames
+from probes.summaries import (
+    effective_conditioners,
+    hoyer_sparsity,
+    mass_outside,
+    mass_radius,
+    mass_square_side,
+    participation_ratio,
+    pixel_summaries,
+    region_fractions,
+)
+from probes.sweep import locality_sweep, read_sweep
+
+__all__ = [
+    "CompressedJacobian",
+    "ProbeResult",
+    "aggregate_map",
+    "compressed_jacobian",
+    "concat_frames",
+    "concept_cosines",
+    "conditional_locality",
+    "conditioner_jvp",
+    "composition_masks",
+    "cpc_residual",
+    "effective_conditioners",
+    "feature_dependence",
+    "forward_mode_ready",
+    "hoyer_sparsity",
+    "integrated_gradients_map",
+    "linear_probe_map",
+    "locality_sweep",
+    "mass_outside",
+    "mass_radius",
+    "mass_square_side",
+    "participation_ratio",
+    "pixel_jacobian",
+    "pixel_locality",
+    "pixel_summaries",
+    "read_sweep",
+    "region_fractions",
+]

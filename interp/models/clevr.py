@@ -148,10 +148,20 @@ class ClevrPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, location_encoder=location_encoder, scheduler=scheduler)
 
-    def conditioning(self, locations: Tensor | Sequence[Sequence[float]]) -> Conditioning:
-        """Conditioning for one scene's requested object locations ``(k, 2)``."""
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> ClevrPipeline:
+        """diffusers' loader, plus aligned weight storage so a reload computes bit-identically."""
+        from interp.models.alignment import realign_pipeline_
+
+        return realign_pipeline_(super().from_pretrained(*args, **kwargs))
+
+    def conditioning(self, locations: Tensor | Sequence[Sequence[float]], **attributes: Any) -> Conditioning:
+        """Conditioning for one scene's requested object locations ``(k, 2)``.
+
+        ``attributes`` go to the encoder (e.g. ``colours=[...]`` for the colour-conditioned encoder).
+        """
         with torch.no_grad():
-            return self.location_encoder.conditioning(locations)
+            return self.location_encoder.conditioning(locations, **attributes)
 
     def denoiser(self, **kwargs: Any):
         """A :class:`~interp.Denoiser` over this pipeline's U-Net and noise schedule."""

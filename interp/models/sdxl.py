@@ -87,15 +87,17 @@ def load_sdxl(
 
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(
-            id_or_path, torch_dtype=dtype, variant=variant, use_safetensors=True, **kwargs
+            id_or_path, dtype=dtype, variant=variant, use_safetensors=True, **kwargs
         )
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise OSError(
             f"could not load SDXL from {id_or_path!r}: {err}\n"
             "Pass a local folder saved with pipe.save_pretrained(...), or a hub id with network access "
             "(HF_HUB_OFFLINE=1 only finds models already in the cache)."
         ) from err
-    return pipe.to(device)
+    from interp.models.alignment import realign_pipeline_
+
+    return realign_pipeline_(pipe.to(device))
 
 
 def _offline_clip_tokenizer(max_length: int = 77):

@@ -1,0 +1,121 @@
+"""The CPC residual *(ours)*: how far is the score from a masked composition of single-conditioner scores?
+
+If the model's distribution is a conditional projective composition (SCIENCE.md §1), its score on the
+region ``M_j`` of conditioner ``j`` is the single-conditioner score, and on the background the null score:
+
+    s(x | c_J) = s(x | ∅) + Σ_j m_j ⊙ (s(x | c_j) − s(x | ∅)).
+
+The residual is the relative distance between the two sides,
+
+    ρ = ‖s(x|c_J) − [s(x|∅) + Σ_j m_j ⊙ (s(x|c_j) − s(x|∅))]‖ / ‖s(x|c_J) − s(x|∅)‖,
+
+zero for an exactly CPC model, and costs ``k + 2`` forward passes per sample. It is the same for the score
+and for an ε-prediction (they differ by a factor ``−1/σ_t`` common to every term) and for v / x₀
+predictions (the ``x``-dependent offsets cancel in the differences), so it is computed on the score.
+
+Masks *(ours)*: ``m_j`` is the disc of radius ``r`` (normalised units) around ``c_j``'s location,
+restricted to the pixels nearest to ``c_j`` so the masks stay disjoint when discs overlap. Also
+reported: the residual restricted to the union of the discs and to the background, and a per-pixel
+residual map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from interp import Conditioning, Denoiser
+from probes.inputs import as_levels, as_seeds, check_conditioning, conditioner_distances, forward_samples
+from probes.jacobian import accumulation_dtype, evaluate
+from probes.results import ProbeResult
+
+
+def composition_masks(locations: Tensor, hw: tuple[int, int], radius: float) -> Tensor:
+    """``(k, H, W)`` disjoint float masks: the disc of radius ``radius`` around each location, each pixel
+    given to its nearest conditioner."""
+    if radius <= 0:
+        raise ValueError(f"radius must be positive (normalised units), got {radius}")
+    dist = conditioner_distances(locations, hw)
+    nearest = dist.argmin(0)
+    k = dist.shape[0]
+    own = nearest[None] == torch.arange(k).view(k, 1, 1)
+    return ((dist <= radius) & own).to(torch.float64)
+
+
+def masked_composition(null: Tensor, singles: Sequence[Tensor], masks: Tensor) -> Tensor:
+    """``null + Σ_j m_j ⊙ (single_j − null)`` for ``(B, C, H, W)`` scores and ``(k, H, W)`` masks."""
+    comp = null.clone()
+    for j, s in enumerate(singles):
+        comp = comp + masks[j].to(null) * (s - null)
+    return comp
+
+
+def cpc_residual(
+    den: Denoiser,
+    cond: Conditioning,
+    t: float | Sequence[float],
+    seeds: int | Sequence[int] = 4,
+    *,
+    radius: float = 0.2,
+    x0: Tensor | None = None,
+    shape: Sequence[int] | None = None,
+    branch: Literal["cond", "guided"] = "cond",
+    max_conditioners: int = 64,
+    dtype: torch.dtype = torch.float32,
+) -> ProbeResult:
+    """CPC residual per noise level and sample.
+
+    Args:
+        den: the denoiser. cond: conditioning with ``k >= 1`` located conditioners.
+        t: noise fraction(s). seeds: forward-process samples.
+        radius: mask radius (normalised units).
+        x0, shape, dtype: forward-process inputs.
+        branch: ``"cond"`` or ``"guided"`` (every term then uses CFG with the denoiser's scale).
+
+    Returns:
+        :class:`ProbeResult` with map ``"residual" (T, H, W)`` (per-pixel ‖·‖ over channels, mean over
+        samples), ``"masks" (k, H, W)``, and rows ``cpc_residual``, ``cpc_residual_regions``,
+        ``cpc_residual_background`` per ``(t, seed)`` plus their means over seeds (``seed = None``).
+    """
+    check_conditioning(cond, need_locations=True, max_k=max_conditioners)
+    levels, seed_list = as_levels(t), as_seeds(seeds)
+    cond = cond.to(den.device)
+    result = ProbeResult(
+        "cpc_residual",
+        metadata={**den.metadata(), "site": "output", "branch": branch, "radius": radius, "k": cond.k,
+                  "seeds": seed_list, "n_samples": len(seed_list), "levels": levels},
+    )
+    res_maps = []
+    masks = None
+    for level in levels:
+        x_t, ts = forward_samples(den, level, seed_list, x0=x0, shape=shape, dtype=dtype)
+        acc = accumulation_dtype(x_t)
+        masks = composition_masks(cond.locations, tuple(x_t.shape[-2:]), radius).to(x_t.device)
+
+        def score(c: Conditioning) -> Tensor:
+            with torch.no_grad():
+                return evaluate(den, x_t, ts, c, branch=branch, output="score").to(acc)
+
+        full, null = score(cond), score(cond.null())
+        comp = masked_composition(null, [score(cond.only(j)) for j in range(cond.k)], masks)
+        diff = full - comp
+        denom = (full - null).flatten(1).norm(dim=1).clamp_min(1e-30)
+        region = masks.sum(0).clamp(max=1).to(acc)
+        rows = {
+            "cpc_residual": diff.flatten(1).norm(dim=1) / denom,
+            "cpc_residual_regions": (diff * region).flatten(1).norm(dim=1) / denom,
+            "cpc_residual_background": (diff * (1 - region)).flatten(1).norm(dim=1) / denom,
+        }
+        for name, vals in rows.items():
+            for s, seed in enumerate(seed_list):
+                result.add(name, float(vals[s]), t=level, timestep=int(ts), seed=seed)
+            result.add(name, float(vals.mean()), t=level, timestep=int(ts), seed=None, aggregate="mean")
+        res_maps.append(diff.pow(2).sum(1).sqrt().mean(0).float())
+    result.maps["residual"] = torch.stack(res_maps)
+    result.axes["residual"] = ("t", "row", "col")
+    result.maps["masks"] = masks.float()
+    result.axes["masks"] = ("conditioner", "row", "col")
+    return result

@@ -1,0 +1,158 @@
+"""Where probes evaluate a model: noise levels, forward-process samples, pixel sets, conditioner geometry.
+
+Every probe is an expectation over inputs ``x_t`` drawn from the forward process at a noise level
+(Niedoba et al.'s aggregate is ``E_{x_t}[...]``). This module turns the user's request into tensors:
+
+* noise levels are given as **fractions** ``t ∈ [0, 1]`` of the schedule (0 clean, 1 pure noise) and
+  mapped to training timesteps by :meth:`interp.Denoiser.timestep`;
+* ``x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε`` with one seed per sample; without data the clean image defaults to
+  ``x₀ = 0`` (a mid-grey canvas) — *(ours)*: probes on a model without its dataset still see inputs
+  with the right noise statistics;
+* output pixels are ``"all"``, an int stride (a regular grid) or an explicit list of ``(row, col)``;
+* conditioner locations are normalised ``(x, y)`` (x → columns, y → rows), compared with pixel centres
+  ``((col + ½)/W, (row + ½)/H)``, so one radius means the same part of the image at every resolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from interp import Conditioning, Denoiser
+
+PixelSpec = str | int | Sequence[tuple[int, int]] | Tensor
+
+
+def as_seeds(seeds: int | Sequence[int]) -> list[int]:
+    """``3`` → ``[0, 1, 2]``; a list passes through (must be non-empty)."""
+    out = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not out:
+        raise ValueError("no seeds given: pass a positive count or a non-empty list of seeds")
+    return out
+
+
+def as_levels(t: float | Sequence[float]) -> list[float]:
+    """Noise fractions as a list of floats in ``[0, 1]``."""
+    levels = [float(t)] if isinstance(t, (int, float)) else [float(v) for v in t]
+    if not levels:
+        raise ValueError("no noise levels given")
+    bad = [v for v in levels if not 0.0 <= v <= 1.0]
+    if bad:
+        raise ValueError(f"noise levels are fractions of the schedule in [0, 1]; got {bad}")
+    return levels
+
+
+def input_shape(den: Denoiser, shape: Sequence[int] | None = None) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the model's input: ``shape`` if given, else from the network config."""
+    if shape is not None:
+        if len(shape) != 3:
+            raise ValueError(f"shape must be (C, H, W), got {tuple(shape)}")
+        return tuple(int(s) for s in shape)  # type: ignore[return-value]
+    c = den.in_channels
+    size = den.config.get("sample_size")
+    if c is None or size is None:
+        raise ValueError(f"{den.name} has no in_channels / sample_size in its config: pass shape=(C, H, W)")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(c), int(h), int(w))
+
+
+def forward_samples(
+    den: Denoiser,
+    t: float,
+    seeds: Sequence[int],
+    *,
+    x0: Tensor | None = None,
+    shape: Sequence[int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """Forward-process samples at noise fraction ``t``, one per seed.
+
+    Args:
+        den: the denoiser (its schedule and device are used).
+        t: noise fraction in ``[0, 1]``.
+        seeds: one seed per sample (the noise ε of sample ``s`` is drawn from ``torch.Generator().manual_seed(s)``).
+        x0: clean images ``(C, H, W)`` or ``(S, C, H, W)`` (``S`` = 1 or ``len(seeds)``); default zeros.
+        shape: ``(C, H, W)`` when the network config does not say it.
+        dtype: dtype of the returned ``x_t`` (the Denoiser casts to the model's own dtype).
+
+    Returns:
+        ``x_t (S, C, H, W)`` on the model's device and the training timestep (0-d long tensor).
+    """
+    if x0 is not None:
+        x0 = x0 if x0.dim() == 4 else x0.unsqueeze(0)
+        c, h, w = x0.shape[1:]
+    else:
+        c, h, w = input_shape(den, shape)
+    timestep = den.timestep(t)
+    noise = torch.stack(
+        [torch.randn((c, h, w), generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64) for s in seeds]
+    )
+    if x0 is None:
+        clean = torch.zeros_like(noise)
+    else:
+        if x0.shape[0] not in (1, len(seeds)):
+            raise ValueError(f"x0 holds {x0.shape[0]} images for {len(seeds)} seeds; pass 1 or {len(seeds)}")
+        clean = x0.detach().to("cpu", torch.float64).expand_as(noise)
+    x_t = den.add_noise(clean, noise, timestep.double())
+    return x_t.to(device=den.device, dtype=dtype), timestep.to(den.device)
+
+
+def pixel_list(spec: PixelSpec, hw: tuple[int, int]) -> Tensor:
+    """Resolve a pixel request to a ``(P, 2)`` long tensor of ``(row, col)``.
+
+    ``"all"`` → every pixel (row-major); an int ``s`` → the grid of every ``s``-th pixel starting at
+    ``s // 2``; ``"center"`` → the central pixel; a list / tensor of ``(row, col)`` passes through (checked).
+    """
+    H, W = hw
+    if isinstance(spec, str):
+        if spec == "all":
+            rr, cc = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+            return torch.stack([rr.flatten(), cc.flatten()], 1)
+        if spec == "center":
+            return torch.tensor([[H // 2, W // 2]])
+        raise ValueError(f"pixels must be 'all', 'center', a grid stride (int) or a list of (row, col); got {spec!r}")
+    if isinstance(spec, int):
+        if spec < 1:
+            raise ValueError(f"grid stride must be >= 1, got {spec}")
+        rr, cc = torch.meshgrid(torch.arange(spec // 2, H, spec), torch.arange(spec // 2, W, spec), indexing="ij")
+        return torch.stack([rr.flatten(), cc.flatten()], 1)
+    px = torch.as_tensor(spec, dtype=torch.long).reshape(-1, 2)
+    if px.numel() == 0:
+        raise ValueError("empty pixel list")
+    if (px[:, 0] < 0).any() or (px[:, 0] >= H).any() or (px[:, 1] < 0).any() or (px[:, 1] >= W).any():
+        raise ValueError(f"pixels must lie in the {H}x{W} output; got {px.tolist()[:8]}")
+    return px
+
+
+def pixel_centres(hw: tuple[int, int], device: Any = None) -> tuple[Tensor, Tensor]:
+    """Normalised ``(x, y)`` coordinates of pixel centres, each ``(H, W)`` float64."""
+    H, W = hw
+    y = (torch.arange(H, dtype=torch.float64, device=device) + 0.5) / H
+    x = (torch.arange(W, dtype=torch.float64, device=device) + 0.5) / W
+    yy, xx = torch.meshgrid(y, x, indexing="ij")
+    return xx, yy
+
+
+def conditioner_distances(locations: Tensor, hw: tuple[int, int]) -> Tensor:
+    """``(k, H, W)`` Euclidean distance (normalised units) from each pixel centre to each location ``(k, 2)``."""
+    xx, yy = pixel_centres(hw)
+    loc = torch.as_tensor(locations, dtype=torch.float64).reshape(-1, 2)
+    return ((xx[None] - loc[:, 0, None, None]) ** 2 + (yy[None] - loc[:, 1, None, None]) ** 2).sqrt()
+
+
+def check_conditioning(cond: Conditioning, *, need_locations: bool = False, max_k: int | None = None) -> None:
+    """Clear errors for conditionings a conditioner-level probe cannot use."""
+    if not isinstance(cond, Conditioning):
+        raise TypeError(f"expected an interp.Conditioning, got {type(cond).__name__}")
+    if cond.k == 0:
+        raise ValueError("the conditioning holds no conditioner: conditional probes need at least one (k >= 1)")
+    if max_k is not None and cond.k > max_k:
+        raise ValueError(f"{cond.k} conditioners exceed this probe's limit of {max_k}; pass a subset (cond.subset(js))")
+    if need_locations and cond.locations is None:
+        raise ValueError(
+            "this summary needs conditioner locations (cond.locations); pass a CLEVR conditioning, "
+            "or set radius=None to skip the location-based summaries"
+        )

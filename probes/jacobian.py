@@ -1,0 +1,283 @@
+"""Pixel locality: rows of the Jacobian ∂D_i/∂x of the denoiser's output with respect to its input.
+
+The row of output element ``(c_out, i)`` is one vector–Jacobian product (VJP) with the basis cotangent
+``e_{c_out, i}``. We linearise the network once (``torch.func.vjp``) and push *chunks* of cotangents
+through the pullback together (``torch.func.vmap``); the chunk size comes from a memory budget and the
+measured size of the activations the backward pass keeps (one chunk row costs about one forward's
+saved tensors). Niedoba et al.'s aggregate map (their Eq. 8) is then
+
+    G(i, j) = E_{x_t}[ Σ_{c_out, c_in} |∂D_{c_out, i} / ∂x_{c_in, j}| ],
+
+averaged over forward-process samples ``x_t`` (one per seed) and summarised by
+:func:`probes.summaries.pixel_summaries`.
+
+Precision: derivatives run in the model's own dtype (fp16 / bf16 models included, the input stays
+float32 and the cast is differentiated); every reduction — absolute sums, the expectation over samples —
+accumulates in float32 (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from interp import Conditioning, Denoiser
+from interp.validation import check_finite, format_bytes, parse_bytes
+from probes.forward_mode import forward_mode_ready
+from probes.inputs import PixelSpec, as_levels, as_seeds, forward_samples, pixel_list
+from probes.results import ProbeResult
+from probes.summaries import DEFAULT_QUANTILES, pixel_summaries
+
+Output = Literal["prediction", "score"]
+Branch = Literal["cond", "uncond", "guided"]
+
+
+def evaluate(den: Denoiser, x_t: Tensor, t: Tensor, cond: Any, *, branch: Branch = "cond", output: Output = "prediction") -> Tensor:
+    """The probed function: the network's prediction (or the score) for one branch, ``(B, C, H, W)``."""
+    if output == "score":
+        return den.score(x_t, t, cond, branch=branch)
+    if output != "prediction":
+        raise ValueError(f"output must be 'prediction' or 'score', got {output!r}")
+    return den.predict(x_t, t, cond, branch=branch)
+
+
+def accumulation_dtype(x: Tensor) -> torch.dtype:
+    """float64 for float64 inputs, else float32 (fp32 accumulation for fp16 / bf16 models)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def saved_bytes(fn: Callable[[Tensor], Tensor], x: Tensor) -> int:
+    """Bytes of the tensors autograd saves for the backward of ``fn(x)`` (one forward, measured)."""
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    x = x.detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return max(total, x.numel() * x.element_size())
+
+
+def auto_chunk(fn: Callable[[Tensor], Tensor], x: Tensor, memory_budget: int | str | None, *, cap: int | None = None) -> int:
+    """Rows per batched VJP chunk so that one chunk fits ``memory_budget`` (default 1 GiB).
+
+    On CPU the chunk is capped at 64 rows (batching buys little there and large chunks are slower,
+    PITFALLS.md); on GPU at 1,024.
+    """
+    budget = parse_bytes(memory_budget) or 2**30
+    per_row = saved_bytes(fn, x)
+    if per_row > budget:
+        raise MemoryError(
+            f"one Jacobian row needs about {format_bytes(per_row)} of activations, more than the memory budget "
+            f"{format_bytes(budget)}; raise memory_budget"
+        )
+    cap = cap or (1024 if x.device.type == "cuda" else 64)
+    return int(max(1, min(cap, budget // per_row)))
+
+
+class RowEngine:
+    """Batched VJPs of one linearised call: ``engine(cotangents (N, C_out, H, W)) -> (N, C_in, H, W)``.
+
+    Args:
+        fn: a function of one input ``(1, C_in, H, W)`` returning ``(1, C_out, H', W')``.
+        x: the point of linearisation ``(1, C_in, H, W)``.
+        chunk_size: cotangents per batched pullback (``None``: from ``memory_budget``).
+        memory_budget: bytes (or ``"2GiB"``) one chunk may take.
+
+    Attributes:
+        passes: number of backward passes (cotangent rows) pushed so far.
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], x: Tensor, *, chunk_size: int | None = None, memory_budget: int | str | None = None) -> None:
+        if x.dim() != 4 or x.shape[0] != 1:
+            raise ValueError(f"linearise at one input (1, C, H, W), got {tuple(x.shape)}")
+        self.chunk_size = int(chunk_size) if chunk_size else auto_chunk(fn, x, memory_budget)
+        self.out, self._pull = torch.func.vjp(fn, x.detach())
+        check_finite("model output", self.out)
+        self.passes = 0
+
+    def __call__(self, cotangents: Tensor) -> Tensor:
+        if cotangents.shape[1:] != self.out.shape[1:]:
+            raise ValueError(f"cotangents must be (N, {', '.join(map(str, self.out.shape[1:]))}), got {tuple(cotangents.shape)}")
+        cot = cotangents.to(self.out.dtype).unsqueeze(1)
+        parts = []
+        for start in range(0, cot.shape[0], self.chunk_size):
+            chunk = cot[start : start + self.chunk_size]
+            parts.append(torch.func.vmap(self._pull)(chunk)[0].squeeze(1).detach())
+        self.passes += cot.shape[0]
+        return torch.cat(parts)
+
+
+def basis_cotangents(pixels: Tensor, shape: Sequence[int], *, dtype: torch.dtype, device: Any) -> Tensor:
+    """``(P·C, C, H, W)`` one-hot cotangents, pixel-major: row ``p·C + c`` selects ``(c, pixels[p])``."""
+    C, H, W = shape
+    P = pixels.shape[0]
+    cot = torch.zeros(P, C, C, H, W, dtype=dtype, device=device)
+    ar = torch.arange(C, device=device)
+    cot[torch.arange(P, device=device)[:, None], ar[None], ar[None], pixels[:, 0, None].to(device), pixels[:, 1, None].to(device)] = 1
+    return cot.reshape(P * C, C, H, W)
+
+
+def pixel_jacobian(
+    den: Denoiser,
+    x_t: Tensor,
+    t: Tensor | int,
+    cond: Conditioning,
+    *,
+    pixels: PixelSpec = "all",
+    branch: Branch = "cond",
+    output: Output = "prediction",
+    chunk_size: int | None = None,
+    memory_budget: int | str | None = None,
+    derivative_ready: bool = True,
+) -> Tensor:
+    """Dense Jacobian rows ``∂D_{c_out, i} / ∂x`` for the requested output pixels.
+
+    Args:
+        den: the denoiser.
+        x_t: ``(S, C, H, W)`` inputs (each sample is linearised separately).
+        t: training timestep (scalar).
+        cond: the conditioning (broadcast over samples).
+        pixels: ``"all"``, a grid stride, or ``(row, col)`` pairs (see :func:`probes.inputs.pixel_list`).
+        branch / output: which function is differentiated (prediction or score, CFG branch).
+        chunk_size / memory_budget: VJP batching (see :class:`RowEngine`).
+        derivative_ready: swap in the plain attention processor while differentiating (restored after).
+
+    Returns:
+        ``(S, P, C_out, C_in, H, W)`` in the accumulation dtype (float32, float64 for float64 input).
+    """
+    if x_t.dim() != 4:
+        raise ValueError(f"x_t must be (S, C, H, W), got {tuple(x_t.shape)}")
+    px = pixel_list(pixels, tuple(x_t.shape[-2:]))
+    acc = accumulation_dtype(x_t)
+    rows = []
+    ctx = forward_mode_ready(den.unet) if derivative_ready else _null_ctx()
+    with ctx:
+        for s in range(x_t.shape[0]):
+            fn = lambda x: evaluate(den, x, t, cond, branch=branch, output=output)  # noqa: E731
+            eng = RowEngine(fn, x_t[s : s + 1], chunk_size=chunk_size, memory_budget=memory_budget)
+            C_out = eng.out.shape[1]
+            cot = basis_cotangents(px, eng.out.shape[1:], dtype=eng.out.dtype, device=eng.out.device)
+            g = eng(cot).to(acc)
+            rows.append(g.reshape(px.shape[0], C_out, *g.shape[1:]))
+    return torch.stack(rows)
+
+
+class _null_ctx:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def aggregate_map(jac: Tensor) -> Tensor:
+    """Niedoba's ``G``: ``(S, P, C_out, C_in, H, W)`` → ``(P, H, W)`` = mean over samples of Σ_c |J|."""
+    return jac.abs().sum(dim=(2, 3)).mean(0)
+
+
+def pixel_locality(
+    den: Denoiser,
+    cond: Conditioning,
+    t: float | Sequence[float],
+    seeds: int | Sequence[int] = 4,
+    *,
+    pixels: PixelSpec = "all",
+    x0: Tensor | None = None,
+    shape: Sequence[int] | None = None,
+    branch: Branch = "cond",
+    output: Output = "prediction",
+    method: Literal["dense", "compressed"] = "dense",
+    radius: int | None = None,
+    quantiles: Sequence[float] = DEFAULT_QUANTILES,
+    chunk_size: int | None = None,
+    memory_budget: int | str | None = None,
+    keep_jacobian: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> ProbeResult:
+    """Pixel-locality maps ``G(i, ·)`` and their summaries, per noise level.
+
+    Args:
+        den: the denoiser. cond: its conditioning.
+        t: noise fraction(s) in ``[0, 1]``.
+        seeds: forward-process samples (a count or a list of seeds).
+        pixels: output pixels ``i`` (``"all"``, a grid stride, or ``(row, col)`` pairs).
+        x0: clean images the forward process starts from (default: zeros, see :mod:`probes.inputs`).
+        shape: ``(C, H, W)`` for networks whose config does not say it.
+        branch / output: CFG branch and prediction-or-score.
+        method: ``"dense"`` (one VJP per row) or ``"compressed"`` (coloured probing for local models,
+            certified, dense fallback; needs ``radius``, see :mod:`probes.compressed`).
+        radius: hypothesised receptive-field radius in pixels for ``method="compressed"``.
+        quantiles: mass fractions for the square-side and radius summaries.
+        chunk_size / memory_budget: VJP batching.
+        keep_jacobian: also return the full rows (``"jacobian"``: ``(T, S, P, C_out, C_in, H, W)``).
+        dtype: dtype of ``x_t`` (use float64 with a float64 model for finite-difference checks).
+
+    Returns:
+        :class:`ProbeResult` with maps ``"G" (T, P, H, W)``, ``"pixels" (P, 2)`` and rows
+        ``side_50, radius_50, ..., participation_ratio`` per ``(t, pixel_row, pixel_col)``, plus
+        ``backward_passes`` per ``t``.
+    """
+    levels = as_levels(t)
+    seed_list = as_seeds(seeds)
+    result = ProbeResult(
+        "pixel_locality",
+        metadata={
+            **den.metadata(),
+            "site": "output",
+            "branch": branch,
+            "output": output,
+            "method": method,
+            "seeds": seed_list,
+            "n_samples": len(seed_list),
+            "levels": levels,
+            "x0": "given" if x0 is not None else "zeros",
+        },
+    )
+    maps, jacs = [], []
+    px = None
+    for level in levels:
+        x_t, ts = forward_samples(den, level, seed_list, x0=x0, shape=shape, dtype=dtype)
+        px = pixel_list(pixels, tuple(x_t.shape[-2:]))
+        if method == "dense":
+            jac = pixel_jacobian(den, x_t, ts, cond, pixels=px, branch=branch, output=output, chunk_size=chunk_size, memory_budget=memory_budget)
+            passes = jac.shape[0] * jac.shape[1] * jac.shape[2]
+            certified = torch.ones(px.shape[0], dtype=torch.bool)
+        elif method == "compressed":
+            from probes.compressed import compressed_jacobian
+
+            if radius is None:
+                raise ValueError("method='compressed' needs radius= (the hypothesised receptive-field radius in pixels)")
+            cj = compressed_jacobian(den, x_t, ts, cond, radius=radius, branch=branch, output=output, chunk_size=chunk_size, memory_budget=memory_budget)
+            H, W = x_t.shape[-2:]
+            flat = px[:, 0] * W + px[:, 1]
+            jac = cj.jacobian[:, flat]
+            passes = cj.passes
+            certified = cj.certified.all(0)[flat]
+        else:
+            raise ValueError(f"method must be 'dense' or 'compressed', got {method!r}")
+        G = aggregate_map(jac)
+        maps.append(G.float())
+        if keep_jacobian:
+            jacs.append(jac)
+        summ = pixel_summaries(G, px, quantiles)
+        for p in range(px.shape[0]):
+            idx = {"t": level, "timestep": int(ts), "pixel_row": int(px[p, 0]), "pixel_col": int(px[p, 1])}
+            for name, vals in summ.items():
+                result.add(name, float(vals[p]), **idx)
+        result.add("backward_passes", passes, t=level, timestep=int(ts))
+        result.add("certified_fraction", float(certified.float().mean()), t=level, timestep=int(ts))
+    result.maps["G"] = torch.stack(maps)
+    result.axes["G"] = ("t", "pixel", "row", "col")
+    result.maps["pixels"] = px
+    result.axes["pixels"] = ("pixel", "row_col")
+    if keep_jacobian:
+        result.maps["jacobian"] = torch.stack(jacs)
+        result.axes["jacobian"] = ("t", "sample", "pixel", "c_out", "c_in", "row", "col")
+    return result

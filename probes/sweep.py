@@ -1,0 +1,261 @@
+"""Locality sweeps: sites × noise levels × samples → one tidy DataFrame, resumable at any point.
+
+A sweep is a list of *units* ``(site, t, seed)``. Each unit runs the probes for that site (the output
+``"output"``: conditional maps + CPC residual + optionally pixel locality on a grid; a layer: the
+feature-space dependence of :mod:`probes.features`) and yields tidy rows. Storage *(ours)*:
+
+* every completed unit is written as one CSV part-file ``parts/<key>.csv`` — written to a temporary
+  name, flushed, fsync'd, then ``os.replace``'d into place, so a part is either complete or absent;
+* the presence of a part *is* the completion index: a sweep killed at any point (even mid-write) resumes
+  by skipping units whose part exists — nothing is recomputed, nothing duplicated;
+* ``sweep.json`` records the sweep's identity (model, config hash, conditioning, probe options); resuming
+  with different options refuses instead of mixing rows;
+* ``results.csv`` (the concatenation, atomically replaced) is rewritten at the end of every run.
+
+Columns: ``model, site, t, metric, value, seed`` then probe-specific indices (``conditioner``,
+``map_name``, ``pixel_row``, ...), then metadata (``probe``, ``config_hash``, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from torch import Tensor
+
+from interp import Conditioning, Denoiser
+from interp.site import resolve_paths
+from probes.inputs import as_levels, as_seeds
+from probes.results import CORE_COLUMNS, ProbeResult
+
+OUTPUT_SITE = "output"
+DEFAULT_LOCATIONS = ((0.25, 0.3), (0.72, 0.25), (0.5, 0.75))  # (ours) three well-separated objects
+
+
+@dataclass
+class SweepConfig:
+    """What a sweep computes (stored in ``sweep.json``; a resume must match it)."""
+
+    model: str
+    config_hash: str
+    sites: list[str]
+    levels: list[float]
+    seeds: list[int]
+    metrics: list[str]
+    radius: float
+    directions: str
+    pixel_stride: int
+    conditioning: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def expand_sites(den: Denoiser, sites: str | Sequence[str]) -> list[str]:
+    """Site patterns → exact module paths (``"output"`` stays; globs expand in execution-tree order)."""
+    patterns = [s.strip() for s in (sites.split(",") if isinstance(sites, str) else sites) if s.strip()]
+    if not patterns:
+        raise ValueError("no sites given: use 'output' and/or module paths or globs such as '*attn2'")
+    out: list[str] = []
+    for p in patterns:
+        paths = [OUTPUT_SITE] if p == OUTPUT_SITE else [path for path, _ in resolve_paths(den.unet, p)]
+        out += [q for q in paths if q not in out]
+    return out
+
+
+def unit_key(site: str, t: float, seed: int) -> str:
+    """Stable file-name-safe key of a unit."""
+    raw = f"{site}|{t!r}|{seed}"
+    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+
+def atomic_write_csv(df: pd.DataFrame, path: Path) -> None:
+    """Write ``df`` to ``path`` so that readers see the old file or the complete new one, never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        df.to_csv(fh, index=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _conditioning_id(cond: Conditioning) -> str:
+    loc = None if cond.locations is None else [[round(float(v), 6) for v in row] for row in cond.locations.tolist()]
+    digest = hashlib.sha1(cond.tokens.detach().float().cpu().numpy().tobytes()).hexdigest()[:12]
+    return json.dumps({"k": cond.k, "labels": list(cond.labels), "locations": loc, "tokens": digest})
+
+
+def run_unit(den: Denoiser, cond: Conditioning, site: str, t: float, seed: int, cfg: SweepConfig, **kw: Any) -> pd.DataFrame:
+    """All probes of one ``(site, t, seed)`` unit as a tidy frame."""
+    from probes.conditional import conditional_locality
+    from probes.cpc import cpc_residual
+    from probes.features import feature_dependence
+    from probes.jacobian import pixel_locality
+
+    results: list[ProbeResult] = []
+    radius = cfg.radius if cond.locations is not None else None
+    directions: int | str = cfg.directions if cfg.directions == "all" else int(cfg.directions)
+    if site == OUTPUT_SITE:
+        if "cond" in cfg.metrics:
+            results.append(conditional_locality(den, cond, t, [seed], maps=("jvp", "ablation"), directions=directions, radius=radius, **kw))
+        if "cpc" in cfg.metrics and cond.locations is not None:
+            results.append(cpc_residual(den, cond, t, [seed], radius=cfg.radius, **kw))
+        if "pixel" in cfg.metrics:
+            results.append(pixel_locality(den, cond, t, [seed], pixels=cfg.pixel_stride, **kw))
+    else:
+        if "cond" in cfg.metrics or "cpc" in cfg.metrics:
+            results.append(feature_dependence(den, site, cond, t, [seed], directions=directions, radius=radius,
+                                              cpc="cpc" in cfg.metrics and cond.locations is not None, keep_channels=False, **kw))
+    frames = []
+    for r in results:
+        f = r.frame()
+        if "aggregate" in f.columns:  # per-seed rows only: the unit *is* one seed
+            f = f[f["aggregate"].isna()].drop(columns="aggregate")
+        f["site"] = site
+        f["t"] = t
+        f["seed"] = seed
+        frames.append(f)
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(CORE_COLUMNS))
+    df["model"] = cfg.model
+    return df
+
+
+def locality_sweep(
+    model: Denoiser | str,
+    cond: Conditioning | None = None,
+    *,
+    sites: str | Sequence[str] = OUTPUT_SITE,
+    t: float | Sequence[float] = (0.1, 0.5, 0.9),
+    seeds: int | Sequence[int] = 2,
+    out: str | Path | None = None,
+    metrics: Sequence[str] = ("cond", "cpc"),
+    radius: float = 0.2,
+    directions: int | str = 8,
+    pixel_stride: int = 8,
+    locations: Sequence[Sequence[float]] | None = None,
+    prompt: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+    **probe_kwargs: Any,
+) -> pd.DataFrame:
+    """Run (or resume) a sweep and return its tidy frame.
+
+    Args:
+        model: a :class:`Denoiser` or a model name for :func:`interp.models.registry.load_model`.
+        cond: the conditioning (default: ``locations`` — three well-separated objects — for CLEVR models,
+            the phrases ``prompt`` for SDXL models).
+        sites: ``"output"`` and/or module paths / globs (``"*attn2"``), a list or a comma-separated string.
+        t: noise fractions. seeds: one unit per seed.
+        out: folder for part-files, ``sweep.json`` and ``results.csv``; ``None`` keeps everything in memory.
+        metrics: subset of ``"cond"`` (conditional maps), ``"cpc"`` (CPC residual), ``"pixel"`` (pixel
+            locality on a grid of stride ``pixel_stride``; output site only).
+        radius: region / mask radius (normalised units). directions: JVP directions per conditioner.
+        progress: called with a line per unit (``"done"`` / ``"skip"``).
+        probe_kwargs: passed to every probe (``x0=``, ``shape=``, ``chunk_size=``...).
+
+    Returns:
+        the tidy frame of every unit (resumed units read back from their parts).
+    """
+    den, name, cond = _resolve(model, cond, locations, prompt)
+    bad = set(metrics) - {"cond", "cpc", "pixel"}
+    if bad or not metrics:
+        raise ValueError(f"metrics must be a non-empty subset of ('cond', 'cpc', 'pixel'); got {list(metrics)}")
+    levels, seed_list = as_levels(t), as_seeds(seeds)
+    site_list = expand_sites(den, sites)
+    cfg = SweepConfig(
+        model=name, config_hash=den.metadata()["config_hash"], sites=site_list, levels=levels, seeds=seed_list,
+        metrics=sorted(metrics), radius=float(radius), directions=str(directions), pixel_stride=int(pixel_stride),
+        conditioning=_conditioning_id(cond),
+    )
+    parts_dir = None
+    if out is not None:
+        out = Path(out)
+        parts_dir = out / "parts"
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        _check_config(out / "sweep.json", cfg)
+    frames: list[pd.DataFrame] = []
+    for site in site_list:
+        for level in levels:
+            for seed in seed_list:
+                key = unit_key(site, level, seed)
+                part = parts_dir / f"{key}.csv" if parts_dir is not None else None
+                if part is not None and part.exists():
+                    frames.append(pd.read_csv(part))
+                    if progress:
+                        progress(f"skip {site} t={level} seed={seed} (done)")
+                    continue
+                df = run_unit(den, cond, site, level, seed, cfg, **probe_kwargs)
+                df["unit"] = key
+                if part is not None:
+                    atomic_write_csv(df, part)
+                    df = pd.read_csv(part)  # identical dtypes for fresh and resumed units
+                frames.append(df)
+                if progress:
+                    progress(f"done {site} t={level} seed={seed}: {len(df)} rows")
+    result = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(CORE_COLUMNS))
+    if out is not None:
+        atomic_write_csv(result, out / "results.csv")
+    return result
+
+
+def read_sweep(out: str | Path) -> pd.DataFrame:
+    """Every completed unit of a sweep folder (also of one that was interrupted)."""
+    parts = sorted((Path(out) / "parts").glob("*.csv"))
+    return pd.concat([pd.read_csv(p) for p in parts], ignore_index=True) if parts else pd.DataFrame(columns=list(CORE_COLUMNS))
+
+
+def _check_config(path: Path, cfg: SweepConfig) -> None:
+    new = asdict(cfg)
+    if path.exists():
+        old = json.loads(path.read_text())
+        fixed = ("model", "config_hash", "metrics", "radius", "directions", "pixel_stride", "conditioning")
+        diff = {k: (old.get(k), new[k]) for k in fixed if old.get(k) != new[k]}
+        if diff:
+            raise ValueError(
+                f"{path.parent} holds a sweep with different settings {diff}; use another --out folder "
+                "(sites, noise levels and seeds may change between runs, the rest may not)"
+            )
+    tmp = path.with_name(".sweep.json.tmp")
+    tmp.write_text(json.dumps(new, indent=1))
+    os.replace(tmp, path)
+
+
+def _resolve(model: Denoiser | str, cond: Conditioning | None, locations: Any, prompt: Any) -> tuple[Denoiser, str, Conditioning]:
+    if isinstance(model, Denoiser):
+        if cond is None:
+            raise ValueError("pass cond= with a Denoiser (model names build a default conditioning)")
+        return model, model.name, cond
+    from interp.models.registry import load_model
+
+    loaded = load_model(model)
+    den = loaded.denoiser
+    if cond is None:
+        if loaded.family == "clevr":
+            cond = loaded.pipeline.conditioning([list(p) for p in (locations or DEFAULT_LOCATIONS)])
+        else:
+            from interp.models.sdxl import prompt_conditioning
+
+            cond = prompt_conditioning(loaded.pipeline, list(prompt or ("a red cube", "a blue sphere")))
+    return den, loaded.name, cond
+
+
+def parse_floats(text: str) -> list[float]:
+    """``"0.1,0.5,0.9"`` → ``[0.1, 0.5, 0.9]``."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_locations(text: str) -> list[list[float]]:
+    """``"0.2,0.3;0.7,0.8"`` → ``[[0.2, 0.3], [0.7, 0.8]]``."""
+    pts = [parse_floats(p) for p in text.split(";") if p.strip()]
+    if not pts or any(len(p) != 2 for p in pts):
+        raise ValueError(f"locations must look like 'x,y;x,y' (normalised), got {text!r}")
+    return pts
+
+
+__all__ = ["SweepConfig", "atomic_write_csv", "expand_sites", "locality_sweep", "read_sweep", "run_unit", "unit_key"]

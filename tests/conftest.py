@@ -1,0 +1,42 @@
+"""Shared test setup: offline, deterministic, caches inside a temp dir, small thread count."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Must happen before diffusers / transformers / matplotlib are imported anywhere.
+_CACHE = tempfile.mkdtemp(prefix="scorescope-test-cache-")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", os.path.join(_CACHE, "hf"))
+os.environ.setdefault("MPLCONFIGDIR", os.path.join(_CACHE, "mpl"))
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_CACHE, "inductor"))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipe():
+    """The tiny random SDXL pipeline (session-scoped: treat as read-only)."""
+    from interp.models import tiny_sdxl
+
+    return tiny_sdxl(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_clevr_pipe():
+    """The tiny random CLEVR pipeline (session-scoped: treat as read-only)."""
+    from interp.models import clevr_pipeline
+
+    return clevr_pipeline("tiny", seed=0)
+
+
+@pytest.fixture()
+def rng() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
