@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pipeline-steps", type=int, default=30)
     ap.add_argument("--memory-steps", type=int, nargs="+", default=[10, 30, 100])
     ap.add_argument("--shard-mib", type=float, default=4.0)
+    ap.add_argument("--memory-variants", nargs="+", default=["torch:memory", "torch:stream", "nnsight:stream"],
+                    help="backend:store pairs measured at every step count (store: memory | stream)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -280,19 +282,20 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     config = {"threads": args.threads, "repeats_forward": args.repeats_forward,
               "repeats_pipeline": args.repeats_pipeline, "pipeline_steps": args.pipeline_steps,
-              "memory_steps": args.memory_steps, "shard_mib": args.shard_mib}
+              "memory_steps": args.memory_steps, "shard_mib": args.shard_mib,
+              "memory_variants": args.memory_variants}
     result: dict[str, Any] = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                               "machine": _machine(args.threads), "config": config}
     print("overhead ...", file=sys.stderr, flush=True)
     result["overhead"] = _in_subprocess({"kind": "overhead", **config})
     result["memory"] = []
     for steps in args.memory_steps:
-        for backend in ("torch", "nnsight"):
-            for store in ("memory", "stream"):
-                print(f"memory: {backend} {store} {steps} steps ...", file=sys.stderr, flush=True)
-                result["memory"].append(_in_subprocess({"kind": "memory", "threads": args.threads, "steps": steps,
-                                                        "backend": backend, "store": store,
-                                                        "shard_mib": args.shard_mib}))
+        for variant in args.memory_variants:
+            backend, store = variant.split(":")
+            print(f"memory: {backend} {store} {steps} steps ...", file=sys.stderr, flush=True)
+            result["memory"].append(_in_subprocess({"kind": "memory", "threads": args.threads, "steps": steps,
+                                                    "backend": backend, "store": store,
+                                                    "shard_mib": args.shard_mib}))
     result["wall_s"] = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

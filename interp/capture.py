@@ -396,7 +396,9 @@ def capture_run(
     (:func:`interp.nnsight_backend.capture_nnsight`; nnsight is imported only then). Both fill the same
     :class:`~interp.store.ActivationStore` format. The nnsight backend cannot read the step/branch that a
     Denoiser announces, so pass ``cfg=`` / ``count_steps=`` that describe the run (see that function);
-    ``calls`` (the number of U-Net calls ``run`` makes) bounds its step loop and is checked.
+    ``calls`` (the number of U-Net calls ``run`` makes) bounds its step loop and is checked. Note that
+    ``cfg=None`` means "auto" to the torch backend but "no CFG" to the nnsight one (whose auto is
+    ``cfg="auto"``, its default).
     """
     if backend == "torch":
         with capture(target, sites, **kwargs) as cap:

@@ -18,7 +18,8 @@ How scorescope maps its capture onto that
 * **One worker per module.** Each resolved site module gets its own empty ``tracer.invoke()`` whose body
   loops over ``tracer.iter`` and reads that one module. Separate workers never wait on each other, so the
   capture does not need the U-Net's *execution* order (``named_modules`` lists ``up_blocks`` before
-  ``mid_block``, the forward runs them the other way round).
+  ``mid_block``, the forward runs them the other way round). The workers share no values, so no
+  ``tracer.barrier`` is needed; a last empty invoke reads ``tracer.result`` (what the run returned).
 * **Occurrence k = U-Net call k.** A diffusers U-Net runs each of its submodules once per call, so the
   k-th occurrence of ``mid_block.output`` belongs to the k-th U-Net call of the run. Every worker also
   reads the U-Net's own ``.inputs`` at occurrence k (batch size and ``(H, W)``), and one extra worker
@@ -356,11 +357,13 @@ def load_diffusion_model(pipeline: Any, *, workdir: str | Path | None = None) ->
 
     if isinstance(pipeline, (str, Path)):
         model = DiffusionModel(str(pipeline), dispatch=True)
+    elif workdir is not None:
+        pipeline.save_pretrained(workdir)
+        model = DiffusionModel(str(workdir), dispatch=True)
     else:
         with tempfile.TemporaryDirectory(prefix="scorescope-pipe-") as tmp:
-            folder = Path(workdir) if workdir is not None else Path(tmp)
-            pipeline.save_pretrained(folder)
-            model = DiffusionModel(str(folder), dispatch=True)
+            pipeline.save_pretrained(tmp)
+            model = DiffusionModel(tmp, dispatch=True)
     model.pipeline.set_progress_bar_config(disable=True)
     return model
 

@@ -103,7 +103,7 @@ def integrated_gradients_map(
                 method=method, internal_batch_size=internal_batch_size, return_convergence_delta=True,
             )
             dsum += float(delta.abs().mean())
-            per_cond = torch.stack([a[:, owner == j].sum((1, 2)) for j in range(cond.k)], 1).detach().to(acc)  # (M, k)
+            per_cond = torch.stack([a[:, owner == j].sum((1, 2)) for j in range(cond.k)], 1).detach().to("cpu", acc)  # (M, k)
             for m, tgt in enumerate(targets):
                 c, rem = divmod(tgt, H * W)
                 att[s, :, c, rem // W, rem % W] = per_cond[m]

@@ -55,6 +55,18 @@ def _plain(v: Any) -> Any:
     return v
 
 
+class _CpuMaps(dict):
+    """A dict that moves every tensor stored in it to the CPU (results never pin GPU memory)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        for k, v in dict(*args, **kwargs).items():
+            self[k] = v
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value.detach().cpu() if isinstance(value, Tensor) else value)
+
+
 @dataclass
 class ProbeResult:
     """Maps + scalar summaries + metadata of one probe call.
@@ -73,6 +85,11 @@ class ProbeResult:
     axes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "maps" and isinstance(value, dict) and not isinstance(value, _CpuMaps):
+            value = _CpuMaps(value)
+        super().__setattr__(name, value)
 
     def __getitem__(self, name: str) -> Tensor:
         try:

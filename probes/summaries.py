@@ -33,7 +33,7 @@ DEFAULT_QUANTILES: tuple[float, ...] = (0.5, 0.75, 0.95)
 def _check_map(g: Tensor) -> Tensor:
     if g.dim() < 2:
         raise ValueError(f"a locality map must be (..., H, W), got shape {tuple(g.shape)}")
-    g = g.detach().to(torch.float64)
+    g = g.detach().to("cpu", torch.float64)  # summaries are cheap: always on CPU
     if not torch.isfinite(g).all():
         raise ValueError("locality map contains NaN or Inf; the model output or its derivative is not finite")
     if (g < 0).any():
@@ -93,7 +93,7 @@ def mass_outside(g: Tensor, support: Tensor) -> Tensor:
     """Fraction of each map's mass outside a boolean ``support`` (broadcastable to ``g``); ``(...)``."""
     g = _check_map(g)
     total = g.flatten(-2).sum(-1)
-    out = (g * (~support.to(torch.bool)).to(torch.float64)).flatten(-2).sum(-1)
+    out = (g * (~support.to("cpu", torch.bool)).to(torch.float64)).flatten(-2).sum(-1)
     return torch.where(total > 0, out / total.clamp_min(1e-300), torch.zeros_like(total))
 
 

@@ -161,6 +161,21 @@ def test_clevr_site_selection_parity_and_streaming(clevr, tmp_path: Path) -> Non
     assert {k.step for k in ref.store.find("up_blocks.0.attentions.0.proj_in")} == {0, 2}
 
 
+def test_held_envoy_is_reused_and_released(clevr) -> None:
+    # One nnsight wrap for several captures; the model is clean again when the block ends.
+    pipe, cond = clevr
+    den = pipe.denoiser(guidance_scale=3.0, cfg_mode="batched")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    ref, _ = capture_run(den, "mid_block", lambda: den(x, 700, cond), backend="torch")
+    with nnsight_backend.instrumented(den.unet) as held:
+        for _ in range(2):
+            got, _ = nnsight_backend.capture_nnsight(den, "mid_block", lambda: den(x, 700, cond), calls=1, envoy=held)
+            assert_same_store(ref.store, got.store)
+        assert nnsight_backend.is_instrumented(den.unet)
+    assert not nnsight_backend.is_instrumented(den.unet)
+    assert all("forward" not in m.__dict__ for m in den.unet.modules())
+
+
 def test_declared_call_count_is_checked(clevr) -> None:
     pipe, cond = clevr
     den = pipe.denoiser()

@@ -55,3 +55,13 @@ def clevr():
 
     pipe = clevr_pipeline("tiny", seed=0)
     return pipe, pipe.denoiser(), pipe.conditioning([[0.2, 0.3], [0.7, 0.8]])
+
+
+@pytest.fixture(autouse=True, scope="package")
+def _one_thread():
+    """Probe tests run single-threaded: on a shared 2-core machine, 2 intra-op threads competing with other
+    processes made a tiny-U-Net forward ~100x slower (OpenMP barriers), 1 thread does not. Restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

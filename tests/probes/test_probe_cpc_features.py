@@ -71,7 +71,8 @@ def test_linear_probe_map_finds_where_the_attribute_is_encoded(linear_den):
     conds, labels = [], []
     for n in range(12):
         side = n % 2
-        conds.append(toy_conditioning([[0.25 if side == 0 else 0.75, 0.5]], seed=10 + n, dtype=torch.float64))
+        jitter = 0.01 * (n // 2 - 3)  # same concept features, slightly different positions
+        conds.append(toy_conditioning([[(0.25 if side == 0 else 0.75) + jitter, 0.5]], seed=10, dtype=torch.float64))
         labels.append(side)
     res = linear_probe_map(linear_den, "inject", conds, labels, 0.5, 1)
     acc = res["accuracy"]

@@ -132,3 +132,26 @@ def test_pixel_spec_errors():
     with pytest.raises(ValueError, match="pixels must be"):
         pixel_list("some", (32, 32))
     assert pixel_list(8, (32, 32)).shape == (16, 2)
+
+
+def test_mass_summaries_on_known_maps():
+    from probes.summaries import effective_conditioners, mass_radius, mass_square_side, participation_ratio, region_fractions
+
+    delta = torch.zeros(1, 9, 9)
+    delta[0, 4, 4] = 2.0
+    centre = torch.tensor([[4, 4]])
+    assert int(mass_square_side(delta, centre, 0.95)) == 1 and float(mass_radius(delta, centre, 0.5)) == 0.0
+    assert float(participation_ratio(delta)) == pytest.approx(1.0)
+    flat = torch.ones(1, 9, 9)
+    assert float(participation_ratio(flat)) == pytest.approx(81.0)
+    assert int(mass_square_side(flat, centre, 0.5)) == 7  # 49/81 >= 0.5 > 25/81
+    block = torch.zeros(1, 9, 9)
+    block[0, 3:6, 3:6] = 1.0
+    assert int(mass_square_side(block, centre, 0.95)) == 3
+    fr = region_fractions(torch.stack([block[0], block[0]]), torch.tensor([[4.5 / 9, 4.5 / 9], [0.9, 0.9]]), 0.2)
+    assert float(fr["in_region"][0]) == pytest.approx(1.0) and float(fr["in_region"][1]) == 0.0
+    assert float(fr["leak_other"][1]) == pytest.approx(1.0)  # all of it nearer conditioner 0
+    n_eff, mean = effective_conditioners(torch.stack([block[0], block[0]]))
+    assert float(mean) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="NaN"):
+        participation_ratio(torch.full((1, 3, 3), float("nan")))
