@@ -3,6 +3,7 @@
 Run on demand (not a test)::
 
     python bench/bench_probes.py --out docs/bench/probes.json [--threads 1] [--preset tiny]
+    python bench/bench_probes.py --checkpoints exp1,exp2,exp3 --out docs/bench/clevr_locality.json
 
 (a) **Pixel Jacobian, all rows** of the CLEVR U-Net (``--preset``, random weights, 32×32×3 → 3,072 rows):
     * ``batched``: :func:`probes.pixel_jacobian` — one linearisation, chunks of cotangents through
@@ -142,6 +143,36 @@ def bench_conditional(ig_pixels: int) -> list[dict]:
     return out
 
 
+def compare_checkpoints(names: list[str], levels: list[float], seeds: int, directions: int) -> list[dict]:
+    """Exp1/2/3 side by side (SCIENCE.md §2): in-region fraction of the JVP and ablation maps and the CPC
+    residual, three well-separated objects, x0 = 0 forward-process samples (ours)."""
+    from interp.models.registry import load_model
+    from probes import cpc_residual
+
+    rows = []
+    locs = [[0.25, 0.3], [0.72, 0.25], [0.5, 0.75]]
+    for name in names:
+        try:
+            loaded = load_model(name)
+        except Exception as err:  # checkpoints not there (yet)
+            rows.append({"model": name, "error": f"{type(err).__name__}: {err}"})
+            continue
+        den = loaded.denoiser
+        cond = loaded.pipeline.conditioning(locs)
+        cl = conditional_locality(den, cond, levels, seeds, maps=("jvp", "ablation"), directions=directions).frame()
+        cp = cpc_residual(den, cond, levels, seeds).frame()
+        for t in levels:
+            inr = cl[(cl.metric == "in_region") & (cl.t == t)].groupby("map_name").value.mean()
+            rows.append({
+                "model": name, "t": t, "in_region_jvp": float(inr.get("jvp", float("nan"))),
+                "in_region_ablation": float(inr.get("ablation", float("nan"))),
+                "n_eff_jvp": float(cl[(cl.metric == "n_eff") & (cl.t == t) & (cl.map_name == "jvp")].value.mean()),
+                "cpc_residual": float(cp[(cp.metric == "cpc_residual") & (cp.t == t) & (cp.aggregate == "mean")].value.mean()),
+            })
+        print(json.dumps([r for r in rows if r["model"] == name], indent=1), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None)
@@ -151,8 +182,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--ig-pixels", type=int, default=16)
+    ap.add_argument("--checkpoints", default=None, help="e.g. exp1,exp2,exp3: only compare shipped CLEVR checkpoints")
+    ap.add_argument("--levels", default="0.9,0.5,0.1")
+    ap.add_argument("--seeds", type=int, default=4)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.checkpoints:
+        rows = compare_checkpoints(args.checkpoints.split(","), [float(v) for v in args.levels.split(",")], args.seeds, 8)
+        print("\n| model | t | in-region (JVP) | in-region (ablation) | n_eff | CPC residual |\n|---|---|---|---|---|---|")
+        for r in rows:
+            if "error" in r:
+                print(f"| {r['model']} | - | {r['error']} | | | |")
+            else:
+                print(f"| {r['model']} | {r['t']} | {r['in_region_jvp']:.3f} | {r['in_region_ablation']:.3f} | {r['n_eff_jvp']:.2f} | {r['cpc_residual']:.3f} |")
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"checkpoints": rows, "settings": vars(args) | {"out": str(args.out)}}, indent=1, default=str))
+        return
     torch.manual_seed(0)
     res = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),

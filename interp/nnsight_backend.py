@@ -351,7 +351,8 @@ def load_diffusion_model(pipeline: Any, *, workdir: str | Path | None = None) ->
 
     ``DiffusionModel`` only loads from a path, so a pipeline object is saved (``save_pretrained``) into
     ``workdir`` (default: a temporary folder, deleted once loaded) and loaded back: a *copy* of the
-    weights, identical bit for bit.
+    weights, realigned (:func:`interp.models.alignment.realign_pipeline_`) so that it computes exactly
+    what the original computes.
     """
     from nnsight.modeling.diffusion import DiffusionModel
 
@@ -364,6 +365,11 @@ def load_diffusion_model(pipeline: Any, *, workdir: str | Path | None = None) ->
         with tempfile.TemporaryDirectory(prefix="scorescope-pipe-") as tmp:
             pipeline.save_pretrained(tmp)
             model = DiffusionModel(tmp, dispatch=True)
+    # safetensors can leave weights at unaligned offsets, where CPU GEMMs round differently: realign so
+    # the loaded copy computes bit for bit what the saved pipeline computes.
+    from interp.models.alignment import realign_pipeline_
+
+    realign_pipeline_(model.pipeline)
     model.pipeline.set_progress_bar_config(disable=True)
     return model
 
