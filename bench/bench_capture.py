@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "capture.json")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads in every worker")
-    ap.add_argument("--repeats-forward", type=int, default=15)
+    ap.add_argument("--repeats-forward", type=int, default=11)
     ap.add_argument("--repeats-pipeline", type=int, default=5)
     ap.add_argument("--pipeline-steps", type=int, default=30)
     ap.add_argument("--memory-steps", type=int, nargs="+", default=[10, 30, 100])

@@ -7,8 +7,8 @@ Run on demand (not a test)::
 
 (a) **Pixel Jacobian, all rows** of the CLEVR U-Net (``--preset``, random weights, 32×32×3 → 3,072 rows):
     * ``batched``: :func:`probes.pixel_jacobian` — one linearisation, chunks of cotangents through
-      ``vmap(vjp)`` (the plain ``AttnProcessor`` swapped in, as the probe does), chunk from the memory budget;
-    * ``batched_sdpa``: the same with diffusers' fused SDPA processor left in place;
+      ``vmap(vjp)`` (diffusers' fused SDPA processor left in place), chunk from the memory budget;
+    * ``batched_plain_attn``: the same with the plain ``AttnProcessor`` swapped in (``derivative_ready=True``);
     * ``loop``: one forward, then ``torch.autograd.grad(out[row], x, retain_graph=True)`` per row;
     * ``floor``: rows × the time of *one* VJP (a single ``autograd.grad`` with a one-hot cotangent,
       median of ``--repeats``), measured in the same run: what a perfect batched implementation could
@@ -18,9 +18,10 @@ Run on demand (not a test)::
     and wall time of :func:`probes.compressed_jacobian` (radius 2, certificate + dense fallback) vs
     :func:`probes.pixel_jacobian` (all rows), and the max difference between them.
 (c) **Conditional maps: JVP vs captum IntegratedGradients (50 steps)** on the tiny CLEVR model with two
-    conditioners and on the linear toy model: the signed attribution map ``(∂D/∂c_j)·(c_j − 0)`` for every
+    conditioners and on the linear toy model: the signed attribution map ``(∂D/∂c_j)·(c_j − b_j)`` for every
     pixel by forward mode (one pass per conditioner), vs IG over the tokens for ``--ig-pixels`` output
     pixels (all channels; each output element is a separate IG target), scaled to the full map.
+    Baseline ``b``: zeros for CLEVR; for the toy, its tokens with the features zeroed and the locations kept.
     Agreement between the two on the probed pixels: cosine similarity and sign agreement (on entries
     above 1 % of the max). For reference, the exact Frobenius JVP map (``directions="all"``) is timed too.
 
@@ -50,7 +51,7 @@ from interp.models import clevr_pipeline  # noqa: E402
 from probes import compressed_jacobian, conditional_locality, integrated_gradients_map, pixel_jacobian  # noqa: E402
 from probes.inputs import forward_samples  # noqa: E402
 from probes.jacobian import evaluate  # noqa: E402
-from probes.testing import toy_conditioning, toy_denoiser  # noqa: E402
+from probes.testing import feature_baseline, toy_conditioning, toy_denoiser  # noqa: E402
 
 
 def timed(fn):
@@ -67,7 +68,7 @@ def bench_jacobian(preset: str, loop_rows: int, repeats: int) -> dict:
     C, H, W = x.shape[1:]
     rows = C * H * W
     jac, t_batched = timed(lambda: pixel_jacobian(den, x, ts, cond, pixels="all"))
-    _, t_sdpa = timed(lambda: pixel_jacobian(den, x, ts, cond, pixels="all", derivative_ready=False))
+    _, t_plain = timed(lambda: pixel_jacobian(den, x, ts, cond, pixels="all", derivative_ready=True))
     # per-row loop on a subset, scaled
     xx = x.clone().requires_grad_(True)
     out = evaluate(den, xx, ts, cond)
@@ -76,7 +77,8 @@ def bench_jacobian(preset: str, loop_rows: int, repeats: int) -> dict:
     t0 = time.perf_counter()
     loop_rows_out = [torch.autograd.grad(flat[i], xx, retain_graph=True)[0] for i in idx]
     t_loop = (time.perf_counter() - t0) * rows / loop_rows
-    err = max(float((jac.reshape(rows, -1)[i] - g.flatten()).abs().max()) for i, g in zip(idx, loop_rows_out))
+    # flat output index i = c * H * W + pixel; the probe's rows are (pixel, c_out)
+    err = max(float((jac[0, int(i) % (H * W), int(i) // (H * W)] - g[0]).abs().max()) for i, g in zip(idx, loop_rows_out))
     singles = []
     for r in range(repeats):
         cot = torch.zeros_like(out)
@@ -87,10 +89,10 @@ def bench_jacobian(preset: str, loop_rows: int, repeats: int) -> dict:
     t_floor = statistics.median(singles) * rows
     return {
         "model": f"clevr-{preset}", "params": sum(p.numel() for p in den.unet.parameters()), "rows": rows,
-        "batched_s": t_batched, "batched_sdpa_s": t_sdpa, "loop_s_scaled": t_loop, "floor_s": t_floor,
+        "batched_s": t_batched, "batched_plain_attn_s": t_plain, "loop_s_scaled": t_loop, "floor_s": t_floor,
         "loop_rows_measured": loop_rows, "max_abs_diff_batched_vs_loop": err,
         "loop_over_batched": t_loop / t_batched, "batched_over_floor": t_batched / t_floor,
-        "sdpa_over_plain": t_sdpa / t_batched,
+        "plain_attn_over_sdpa": t_plain / t_batched,
     }
 
 
@@ -122,15 +124,19 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
 def bench_conditional(ig_pixels: int) -> list[dict]:
     out = []
     pipe = clevr_pipeline("tiny", seed=0)
-    cases = [("clevr-tiny", pipe.denoiser(), pipe.conditioning([[0.25, 0.3], [0.7, 0.75]]), torch.float32),
-             ("toy-linear", toy_denoiser("linear", size=32), toy_conditioning([[0.25, 0.25], [0.75, 0.7]]), torch.float32)]
-    for name, den, cond, dt in cases:
+    toy_cond = toy_conditioning([[0.25, 0.25], [0.75, 0.7]])
+    cases = [("clevr-tiny", pipe.denoiser(), pipe.conditioning([[0.25, 0.3], [0.7, 0.75]]), None),
+             # the toy's tokens carry their location: the baseline keeps it and zeroes the features
+             ("toy-linear", toy_denoiser("linear", size=32), toy_cond, feature_baseline(toy_cond))]
+    for name, den, cond, base in cases:
         H = W = 32
-        jv, t_jvp = timed(lambda: conditional_locality(den, cond, 0.5, [0], maps=("attribution",), dtype=dt))
+        dt = torch.float32
+        jv, t_jvp = timed(lambda: conditional_locality(den, cond, 0.5, [0], maps=("attribution",), baseline=base, dtype=dt))
         _, t_fro = timed(lambda: conditional_locality(den, cond, 0.5, [0], maps=("jvp",), directions="all", dtype=dt))
         step = max(1, int((H * W / ig_pixels) ** 0.5))
         px = [(r, c) for r in range(step // 2, H, step) for c in range(step // 2, W, step)][:ig_pixels]
-        ig, t_ig = timed(lambda: integrated_gradients_map(den, cond, 0.5, [0], pixels=px, n_steps=50, dtype=dt, internal_batch_size=200))
+        ig, t_ig = timed(lambda: integrated_gradients_map(den, cond, 0.5, [0], pixels=px, n_steps=50, baseline=base, dtype=dt,
+                                                             internal_batch_size=200))
         mask = ig["probed"]
         a = jv["attribution"][0][..., mask]
         b = ig["attribution"][0][..., mask]
@@ -218,7 +224,7 @@ def main() -> None:
     print(f"| pixel Jacobian {j['model']} all {j['rows']} rows: batched | {j['batched_s']:.2f} s |")
     print(f"| per-row autograd.grad loop (scaled from {j['loop_rows_measured']} rows) | {j['loop_s_scaled']:.2f} s ({j['loop_over_batched']:.2f}x batched) |")
     print(f"| floor: rows x one VJP | {j['floor_s']:.2f} s (batched/floor {j['batched_over_floor']:.2f}) |")
-    print(f"| batched with fused SDPA kept | {j['batched_sdpa_s']:.2f} s ({j['sdpa_over_plain']:.2f}x) |")
+    print(f"| batched with the plain AttnProcessor swapped in | {j['batched_plain_attn_s']:.2f} s ({j['plain_attn_over_sdpa']:.2f}x) |")
     for c in res["compressed"]:
         print(f"| compressed vs dense, {c['model']} {c['image']} | passes {c['compressed_passes']} vs {c['dense_passes']} "
               f"({c['pass_ratio']:.2f}x), time {c['compressed_s']:.2f} vs {c['dense_s']:.2f} s ({c['time_ratio']:.2f}x), "

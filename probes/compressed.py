@@ -20,6 +20,7 @@ by construction.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,7 @@ def compressed_jacobian(
     fallback: bool = True,
     chunk_size: int | None = None,
     memory_budget: int | str | None = None,
+    derivative_ready: bool = False,
 ) -> CompressedJacobian:
     """All Jacobian rows by coloured probing, certified by a second colouring, dense where not certified.
 
@@ -110,6 +112,7 @@ def compressed_jacobian(
         rtol / atol: certificate tolerance, relative to the largest compressed entry of the sample.
         fallback: recompute uncertified rows densely (``False`` leaves the colouring estimate there).
         chunk_size / memory_budget: VJP batching.
+        derivative_ready: swap in the plain attention processor while differentiating (restored after).
 
     Returns:
         :class:`CompressedJacobian`.
@@ -121,7 +124,7 @@ def compressed_jacobian(
         raise ValueError(f"radius {radius} is too large for a {H}x{W} image; use the dense Jacobian")
     acc = accumulation_dtype(x_t)
     rows, certs, passes, dense = [], [], 0, 0
-    with forward_mode_ready(den.unet):
+    with forward_mode_ready(den.unet) if derivative_ready else contextlib.nullcontext():
         for s in range(S):
             fn = lambda x: evaluate(den, x, t, cond, branch=branch, output=output)  # noqa: E731
             eng = RowEngine(fn, x_t[s : s + 1], chunk_size=chunk_size, memory_budget=memory_budget)

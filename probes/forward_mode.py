@@ -8,8 +8,9 @@ softmax) and adds a forward-pre hook that makes GroupNorm inputs contiguous. On 
 exception — the original processors are restored and the hooks removed (through
 :class:`interp.hooks.HookSet`), so the model is exactly as it was.
 
-The plain processor is also what reverse-mode ``vmap(vjp)`` batches best (the fused kernel's backward
-has no batching rule and falls back to a slow loop), so the Jacobian probes use the same context.
+Reverse mode does not need it: the fused kernel's backward has no ``vmap`` batching rule and falls back to
+a per-row loop, yet on CPU it was no slower than the plain processor (bench/bench_probes.py), so the
+Jacobian probes only swap processors on request (``derivative_ready=True``).
 """
 
 from __future__ import annotations

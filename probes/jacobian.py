@@ -18,6 +18,7 @@ accumulates in float32 (float64 for float64 inputs).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -67,7 +68,7 @@ def saved_bytes(fn: Callable[[Tensor], Tensor], x: Tensor) -> int:
 def auto_chunk(fn: Callable[[Tensor], Tensor], x: Tensor, memory_budget: int | str | None, *, cap: int | None = None) -> int:
     """Rows per batched VJP chunk so that one chunk fits ``memory_budget`` (default 1 GiB).
 
-    On CPU the chunk is capped at 64 rows (batching buys little there and large chunks are slower,
+    On CPU the chunk is capped at 32 rows (batching buys little there and large chunks are slower,
     PITFALLS.md); on GPU at 1,024.
     """
     budget = parse_bytes(memory_budget) or 2**30
@@ -77,7 +78,7 @@ def auto_chunk(fn: Callable[[Tensor], Tensor], x: Tensor, memory_budget: int | s
             f"one Jacobian row needs about {format_bytes(per_row)} of activations, more than the memory budget "
             f"{format_bytes(budget)}; raise memory_budget"
         )
-    cap = cap or (1024 if x.device.type == "cuda" else 64)
+    cap = cap or (1024 if x.device.type == "cuda" else 32)
     return int(max(1, min(cap, budget // per_row)))
 
 
@@ -135,7 +136,7 @@ def pixel_jacobian(
     output: Output = "prediction",
     chunk_size: int | None = None,
     memory_budget: int | str | None = None,
-    derivative_ready: bool = True,
+    derivative_ready: bool = False,
 ) -> Tensor:
     """Dense Jacobian rows ``∂D_{c_out, i} / ∂x`` for the requested output pixels.
 
@@ -148,6 +149,7 @@ def pixel_jacobian(
         branch / output: which function is differentiated (prediction or score, CFG branch).
         chunk_size / memory_budget: VJP batching (see :class:`RowEngine`).
         derivative_ready: swap in the plain attention processor while differentiating (restored after).
+            Off by default: on CPU the fused SDPA backward, though it has no batching rule, was not slower.
 
     Returns:
         ``(S, P, C_out, C_in, H, W)`` in the accumulation dtype (float32, float64 for float64 input).
@@ -157,7 +159,7 @@ def pixel_jacobian(
     px = pixel_list(pixels, tuple(x_t.shape[-2:]))
     acc = accumulation_dtype(x_t)
     rows = []
-    ctx = forward_mode_ready(den.unet) if derivative_ready else _null_ctx()
+    ctx = forward_mode_ready(den.unet) if derivative_ready else contextlib.nullcontext()
     with ctx:
         for s in range(x_t.shape[0]):
             fn = lambda x: evaluate(den, x, t, cond, branch=branch, output=output)  # noqa: E731
@@ -167,14 +169,6 @@ def pixel_jacobian(
             g = eng(cot).to(acc)
             rows.append(g.reshape(px.shape[0], C_out, *g.shape[1:]))
     return torch.stack(rows)
-
-
-class _null_ctx:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def aggregate_map(jac: Tensor) -> Tensor:

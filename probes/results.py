@@ -86,6 +86,11 @@ class ProbeResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        from interp.metadata import version
+
+        self.metadata.setdefault("version", version())
+
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "maps" and isinstance(value, dict) and not isinstance(value, _CpuMaps):
             value = _CpuMaps(value)

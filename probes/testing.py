@@ -19,6 +19,7 @@ like any U-Net. Each conditioner token carries its own location in its first two
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -126,7 +127,7 @@ class ToyUNet(nn.Module):
             local = self.mix(h)  # (B, C, H, W)
             inj = torch.einsum("blhw,blchw->bchw", bumps, torch.tanh(f[..., None, None] + local[:, None]))
         out = self.out(h) + self.inject(inj)
-        return (out,) if not return_dict else {"sample": out}
+        return (out,) if not return_dict else SimpleNamespace(sample=out)
 
 
 def toy_conditioning(locations: Sequence[Sequence[float]], *, dim: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32) -> Conditioning:

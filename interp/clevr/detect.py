@@ -51,6 +51,7 @@ class DetectorConfig:
     shadow_floor: float = 0.85
     dark_weight: float = 2.0
     highlight_floor: float = 1.05
+    bright_weight: float = 0.3
     noise_factor: float = 2.0
 
 
@@ -114,7 +115,7 @@ def objectness(images: Tensor | np.ndarray, config: DetectorConfig = DetectorCon
     chroma = (q - m[:, None]).norm(dim=1)
     dark = (config.shadow_floor - m).clamp(min=0)
     bright = (m - config.highlight_floor).clamp(min=0)
-    return chroma + config.dark_weight * dark + bright
+    return chroma + config.dark_weight * dark + config.bright_weight * bright
 
 
 def noise_level(images: Tensor | np.ndarray, *, value_range: str = "01") -> Tensor:
@@ -131,7 +132,8 @@ def detect(images: Tensor | np.ndarray, config: DetectorConfig = DetectorConfig(
     """Find objects in ``(B, 3, H, W)`` images; returns :class:`Detections`."""
     s = objectness(images, config, value_range=value_range)
     B, H, W = s.shape
-    r = max(1, int(round(config.nms_radius * W)))
+    r_nms = config.nms_radius * W
+    r = max(1, int(r_nms))
     pooled = F.max_pool2d(s[:, None], 2 * r + 1, stride=1, padding=r)[:, 0]
     # noisy images get a proportionally higher threshold: the norm in the objectness rectifies noise
     thr = config.threshold + config.noise_factor * noise_level(images, value_range=value_range)
@@ -146,7 +148,7 @@ def detect(images: Tensor | np.ndarray, config: DetectorConfig = DetectorConfig(
         kept: list[tuple[int, int]] = []
         for i in order.tolist():
             rr, cc = int(rows[i]), int(cols[i])
-            if all(max(abs(rr - a), abs(cc - c)) > r for a, c in kept):
+            if all((rr - a) ** 2 + (cc - c) ** 2 > r_nms**2 for a, c in kept):
                 kept.append((rr, cc))
         pos, sc = [], []
         for rr, cc in kept:
