@@ -152,19 +152,20 @@ def bench_conditional(ig_pixels: int) -> list[dict]:
 def compare_checkpoints(names: list[str], levels: list[float], seeds: int, directions: int) -> list[dict]:
     """Exp1/2/3 side by side (SCIENCE.md §2): in-region fraction of the JVP and ablation maps and the CPC
     residual, three well-separated objects, x0 = 0 forward-process samples (ours)."""
-    from interp.models.registry import load_model
     from probes import cpc_residual
 
     rows = []
     locs = [[0.25, 0.3], [0.72, 0.25], [0.5, 0.75]]
     for name in names:
-        try:
-            loaded = load_model(name)
+        try:  # a shipped name, a save_pretrained folder, or a training-run folder (latest.json)
+            from interp.clevr.checkpoints import resolve_clevr
+
+            pipe = resolve_clevr(name)
         except Exception as err:  # checkpoints not there (yet)
             rows.append({"model": name, "error": f"{type(err).__name__}: {err}"})
             continue
-        den = loaded.denoiser
-        cond = loaded.pipeline.conditioning(locs)
+        den = pipe.denoiser(name=name)
+        cond = pipe.conditioning(locs)
         cl = conditional_locality(den, cond, levels, seeds, maps=("jvp", "ablation"), directions=directions).frame()
         cp = cpc_residual(den, cond, levels, seeds).frame()
         for t in levels:

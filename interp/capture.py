@@ -196,6 +196,7 @@ class Capture:
     count_steps: bool = False
     store_dtype: torch.dtype | None = None
     plan: CapturePlan | None = None
+    owns_store: bool = False
     resolved: list[tuple[Site, str, nn.Module]] = field(default_factory=list)
     calls: int = 0
     _hooks: HookSet = field(default_factory=HookSet)
@@ -223,7 +224,12 @@ class Capture:
     def __exit__(self, *exc: object) -> None:
         self._hooks.remove()
         self._state = None
-        self.store.flush()
+        # A disk store this capture opened (from a folder, or by spilling) is finished: close it, which marks
+        # its index complete. A store the caller passed in stays open for them.
+        if self.owns_store:
+            self.store.close()
+        else:
+            self.store.flush()
 
     # ------------------------------------------------------------- hooks
     def _on_unet_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -308,6 +314,7 @@ class Capture:
         for k, t in self.store.items():
             disk.put(k, t)
         self.store = disk
+        self.owns_store = True
 
     # ------------------------------------------------------------- results
     def frame(self):
@@ -374,6 +381,7 @@ def capture(
         count_steps=count_steps,
         store_dtype=store_dtype,
         plan=plan,
+        owns_store=not isinstance(store, ActivationStore),
     )
 
 

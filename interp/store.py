@@ -1,9 +1,9 @@
 """Activation stores: where captured tensors go — memory, or safetensors shards streamed to disk.
 
 A capture of every ``attn2`` output of SDXL over 30 steps is tens of gigabytes; it cannot live in RAM.
-:class:`ShardedStore` buffers tensors up to ``shard_bytes`` and then writes one safetensors shard
-atomically (temporary file + ``os.replace``) and rewrites a small JSON index the same way, so memory stays
-flat however long the run, and a crash leaves every flushed shard readable. :class:`MemoryStore` is the
+:class:`ShardedStore` buffers tensors up to ``shard_bytes`` and then writes one safetensors shard and its
+small JSON sidecar, each atomically (temporary file + ``os.replace``), so memory stays flat however long
+the run, and a crash leaves every flushed shard readable. :class:`MemoryStore` is the
 default for small captures. Both answer the same questions: ``store[key]``, ``store.get(site, step,
 branch)``, ``store.stack(site)``, ``store.frame()``.
 """
@@ -218,7 +218,7 @@ class ShardedStore(ActivationStore):
                 "or open it with ShardedStore.open()"
             )
         if overwrite:
-            for f in self.root.glob("shard-*.safetensors"):
+            for f in [*self.root.glob("shard-*.safetensors"), *self.root.glob("shard-*.json")]:
                 f.unlink()
         self.shard_bytes = int(shard_bytes)
         self.metadata = dict(metadata or {})
@@ -233,7 +233,7 @@ class ShardedStore(ActivationStore):
 
     @classmethod
     def open(cls, root: str | Path) -> ShardedStore:
-        """Open a store written earlier, read-only."""
+        """Open a store written earlier, read-only (also one whose writer crashed: flushed shards are intact)."""
         root = Path(root)
         index_path = root / INDEX_NAME
         if not index_path.exists():
@@ -246,12 +246,15 @@ class ShardedStore(ActivationStore):
         self._readonly = True
         self._buffer, self._buffer_bytes = {}, 0
         self._where, self._described = {}, {}
-        for name, entry in index["tensors"].items():
-            key = ActivationKey.decode(name)
-            self._where[key] = entry["shard"]
-            self._described[key] = (tuple(entry["shape"]), entry["dtype"], entry["bytes"])
+        sidecars = sorted(root.glob("shard-*.json"))
+        for sidecar in sidecars:
+            shard = sidecar.with_suffix(".safetensors").name
+            for name, entry in json.loads(sidecar.read_text()).items():
+                key = ActivationKey.decode(name)
+                self._where[key] = shard
+                self._described[key] = (tuple(entry["shape"]), entry["dtype"], entry["bytes"])
         self._written_bytes = sum(d[2] for d in self._described.values())
-        self._n_shards = len(index.get("shards", []))
+        self._n_shards = len(sidecars)
         return self
 
     # ----------------------------------------------------------------- writing
@@ -273,35 +276,39 @@ class ShardedStore(ActivationStore):
             return
         from safetensors.torch import save
 
-        name = f"shard-{self._n_shards:05d}.safetensors"
+        name = f"shard-{self._n_shards:05d}"
         blob = save({k.encode(): t for k, t in self._buffer.items()}, metadata={"format": "scorescope-activations"})
-        atomic_write_bytes(self.root / name, blob)
+        atomic_write_bytes(self.root / f"{name}.safetensors", blob)
+        # Each shard gets its own small index, written after the shard itself: the store's cost of a flush is
+        # O(shard), not O(everything so far), and a reader never sees an index entry without its tensor.
+        sidecar = {
+            k.encode(): {"shape": list(t.shape), "dtype": self._described[k][1], "bytes": self._described[k][2]}
+            for k, t in self._buffer.items()
+        }
+        atomic_write_bytes(self.root / f"{name}.json", json.dumps(sidecar).encode())
         for k in self._buffer:
-            self._where[k] = name
+            self._where[k] = f"{name}.safetensors"
         self._written_bytes += self._buffer_bytes
         self._buffer.clear()
         self._buffer_bytes = 0
         self._n_shards += 1
-        self._write_index()
 
-    def _write_index(self) -> None:
+    def _write_index(self, *, closed: bool = False) -> None:
         index = {
             "format_version": FORMAT_VERSION,
             "shard_bytes": self.shard_bytes,
             "metadata": self.metadata,
-            "shards": [f"shard-{i:05d}.safetensors" for i in range(self._n_shards)],
-            "tensors": {
-                k.encode(): {"shard": s, "shape": list(self._described[k][0]), "dtype": self._described[k][1],
-                             "bytes": self._described[k][2]}
-                for k, s in sorted(self._where.items())
-            },
+            "closed": closed,
+            "n_shards": self._n_shards,
+            "n_tensors": len(self._where),
+            "layout": "shard-NNNNN.safetensors holds the tensors; shard-NNNNN.json lists them (key: site@step@branch@call)",
         }
         atomic_write_bytes(self.root / INDEX_NAME, json.dumps(index, indent=1, default=str).encode())
 
     def close(self) -> None:
         if not self._readonly:
             self.flush()
-            self._write_index()
+            self._write_index(closed=True)
 
     # ----------------------------------------------------------------- reading
     def __getitem__(self, key: ActivationKey) -> Tensor:

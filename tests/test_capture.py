@@ -163,7 +163,8 @@ def test_streamed_store_writes_shards_atomically_and_reopens(sdxl, tmp_path):
         cap.store.shard_bytes = 200_000  # force several shards
         sample(den, cond, shape=(1, 4, 32, 32), num_steps=3, scheduler="euler")
     index = json.loads((tmp_path / "acts" / "index.json").read_text())
-    assert len(index["shards"]) > 3 and index["metadata"]["seed"] == 7 and index["metadata"]["model"] == "sdxl"
+    assert index["closed"] and index["n_shards"] > 3 and index["n_tensors"] == 72
+    assert index["metadata"]["seed"] == 7 and index["metadata"]["model"] == "sdxl"
     assert not list((tmp_path / "acts").glob(".*"))  # no temporary files left behind
     store = open_store(tmp_path / "acts")
     assert len(store) == 12 * 3 * 2
@@ -172,3 +173,17 @@ def test_streamed_store_writes_shards_atomically_and_reopens(sdxl, tmp_path):
         ShardedStore(tmp_path / "acts")
     with pytest.raises(PermissionError):
         store.put(store.keys()[0], torch.zeros(1))
+
+
+def test_a_crashed_stream_keeps_every_flushed_shard(tmp_path):
+    """A writer killed mid-run (never closed) leaves a store that opens with everything it flushed."""
+    from interp.store import ActivationKey
+
+    store = ShardedStore(tmp_path / "crash", shard_bytes=1000)
+    tensors = {ActivationKey("m", step, "cond", step): torch.full((100,), float(step)) for step in range(5)}
+    for key, t in tensors.items():
+        store.put(key, t)  # 400 bytes each: a shard is flushed every third tensor
+    del store  # no close(): the buffered tail is lost, the flushed shards are not
+    back = open_store(tmp_path / "crash")
+    assert sorted(back.keys()) == sorted(tensors)[:3]
+    assert all(torch.equal(back[k], tensors[k]) for k in back.keys())

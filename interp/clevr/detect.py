@@ -44,15 +44,15 @@ class DetectorConfig:
         centroid_radius: window for the sub-pixel centroid (normalised).
     """
 
-    sigma: float = 1.3 / 32
-    nms_radius: float = 3.0 / 32
-    threshold: float = 0.10
+    sigma: float = 1.0 / 32
+    nms_radius: float = 2.5 / 32
+    threshold: float = 0.08
     centroid_radius: float = 2.0 / 32
     shadow_floor: float = 0.85
     dark_weight: float = 2.0
     highlight_floor: float = 1.05
     bright_weight: float = 0.3
-    noise_factor: float = 2.0
+    noise_factor: float = 3.0
 
 
 @dataclass(frozen=True)
