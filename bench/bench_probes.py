@@ -14,8 +14,9 @@ Run on demand (not a test)::
       median of ``--repeats``), measured in the same run: what a perfect batched implementation could
       not beat on one core without amortising the backward.
     The loop and floor run on ``--loop-rows`` rows and are scaled to all rows (stated in the output).
-(b) **Compressed vs dense** on the exactly local toy model and on the global one (32×32×3): backward passes
-    and wall time of :func:`probes.compressed_jacobian` (radius 2, certificate + dense fallback) vs
+(b) **Compressed vs dense** on the exactly local toy model, on the global one, and on the Exp3
+    locality-enforcing CLEVR U-Net (random init, its measured receptive radius) at 32×32×3: backward passes
+    and wall time of :func:`probes.compressed_jacobian` (certificate + dense fallback) vs
     :func:`probes.pixel_jacobian` (all rows), and the max difference between them.
 (c) **Conditional maps: JVP vs captum IntegratedGradients (50 steps)** on the tiny CLEVR model with two
     conditioners and on the linear toy model: the signed attribution map ``(∂D/∂c_j)·(c_j − b_j)`` for every
@@ -96,16 +97,34 @@ def bench_jacobian(preset: str, loop_rows: int, repeats: int) -> dict:
     }
 
 
+def _exp3_architecture(size: int):
+    """The locality-enforcing CLEVR U-Net of Exp3 (random init) and its measured receptive radius."""
+    from interp import Denoiser
+    from interp.models.clevr_local import ClevrLocalUNet, LocatedLocationEncoder, receptive_radius_px
+
+    torch.manual_seed(0)
+    unet = ClevrLocalUNet(sample_size=size)
+    enc = LocatedLocationEncoder(dim=unet.config.cross_attention_dim)
+    with torch.no_grad():
+        cond = enc.conditioning([[0.25, 0.25], [0.75, 0.7]])
+    return Denoiser(unet, name="clevr-local"), cond, receptive_radius_px(unet)
+
+
 def bench_compressed(size: int) -> list[dict]:
     out = []
-    for kind in ("local", "global"):
-        den = toy_denoiser(kind, size=size, hidden=16)
-        cond = toy_conditioning([[0.25, 0.25], [0.75, 0.7]])
+    cases = [(f"toy-{kind}", toy_denoiser(kind, size=size, hidden=16), toy_conditioning([[0.25, 0.25], [0.75, 0.7]]), 2)
+             for kind in ("local", "global")]
+    try:
+        den3, cond3, r3 = _exp3_architecture(size)
+        cases.append(("clevr-local (Exp3 arch.)", den3, cond3, r3))
+    except ImportError:  # older tree without interp.models.clevr_local
+        pass
+    for name, den, cond, radius in cases:
         x, ts = forward_samples(den, 0.5, [0])
         dense, t_dense = timed(lambda: pixel_jacobian(den, x, ts, cond, pixels="all"))
-        comp, t_comp = timed(lambda: compressed_jacobian(den, x, ts, cond, radius=2))
+        comp, t_comp = timed(lambda: compressed_jacobian(den, x, ts, cond, radius=radius))
         out.append({
-            "model": f"toy-{kind}", "image": f"3x{size}x{size}", "dense_passes": comp.dense_passes, "compressed_passes": comp.passes,
+            "model": name, "radius": radius, "image": f"3x{size}x{size}", "dense_passes": comp.dense_passes, "compressed_passes": comp.passes,
             "certified_fraction": float(comp.certified.float().mean()), "dense_s": t_dense, "compressed_s": t_comp,
             "pass_ratio": comp.dense_passes / comp.passes, "time_ratio": t_dense / t_comp,
             "max_abs_diff": float((comp.jacobian - dense).abs().max()),
@@ -174,7 +193,7 @@ def compare_checkpoints(names: list[str], levels: list[float], seeds: int, direc
                 "model": name, "t": t, "in_region_jvp": float(inr.get("jvp", float("nan"))),
                 "in_region_ablation": float(inr.get("ablation", float("nan"))),
                 "n_eff_jvp": float(cl[(cl.metric == "n_eff") & (cl.t == t) & (cl.map_name == "jvp")].value.mean()),
-                "cpc_residual": float(cp[(cp.metric == "cpc_residual") & (cp.t == t) & (cp.aggregate == "mean")].value.mean()),
+                "cpc_residual": float(cp[(cp.metric == "cpc_residual") & (cp.t == t) & (cp["stat"] == "mean")].value.mean()),
             })
         print(json.dumps([r for r in rows if r["model"] == name], indent=1), flush=True)
     return rows
@@ -190,6 +209,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--ig-pixels", type=int, default=16)
     ap.add_argument("--checkpoints", default=None, help="e.g. exp1,exp2,exp3: only compare shipped CLEVR checkpoints")
+    ap.add_argument("--only", default="jacobian,compressed,conditional", help="sections to run")
     ap.add_argument("--levels", default="0.9,0.5,0.1")
     ap.add_argument("--seeds", type=int, default=4)
     args = ap.parse_args()
@@ -213,24 +233,29 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "settings": vars(args) | {"out": str(args.out)},
     }
-    res["jacobian"] = bench_jacobian(args.preset, args.loop_rows, args.repeats)
-    print(json.dumps(res["jacobian"], indent=1), flush=True)
-    res["compressed"] = bench_compressed(args.size)
-    print(json.dumps(res["compressed"], indent=1), flush=True)
-    res["conditional"] = bench_conditional(args.ig_pixels)
-    print(json.dumps(res["conditional"], indent=1), flush=True)
+    sections = set(args.only.split(","))
+    if "jacobian" in sections:
+        res["jacobian"] = bench_jacobian(args.preset, args.loop_rows, args.repeats)
+        print(json.dumps(res["jacobian"], indent=1), flush=True)
+    if "compressed" in sections:
+        res["compressed"] = bench_compressed(args.size)
+        print(json.dumps(res["compressed"], indent=1), flush=True)
+    if "conditional" in sections:
+        res["conditional"] = bench_conditional(args.ig_pixels)
+        print(json.dumps(res["conditional"], indent=1), flush=True)
     res["machine"]["loadavg_end"] = os.getloadavg()
-    j = res["jacobian"]
     print("\n| measurement | value |\n|---|---|")
-    print(f"| pixel Jacobian {j['model']} all {j['rows']} rows: batched | {j['batched_s']:.2f} s |")
-    print(f"| per-row autograd.grad loop (scaled from {j['loop_rows_measured']} rows) | {j['loop_s_scaled']:.2f} s ({j['loop_over_batched']:.2f}x batched) |")
-    print(f"| floor: rows x one VJP | {j['floor_s']:.2f} s (batched/floor {j['batched_over_floor']:.2f}) |")
-    print(f"| batched with the plain AttnProcessor swapped in | {j['batched_plain_attn_s']:.2f} s ({j['plain_attn_over_sdpa']:.2f}x) |")
-    for c in res["compressed"]:
+    if "jacobian" in res:
+        j = res["jacobian"]
+        print(f"| pixel Jacobian {j['model']} all {j['rows']} rows: batched | {j['batched_s']:.2f} s |")
+        print(f"| per-row autograd.grad loop (scaled from {j['loop_rows_measured']} rows) | {j['loop_s_scaled']:.2f} s ({j['loop_over_batched']:.2f}x batched) |")
+        print(f"| floor: rows x one VJP | {j['floor_s']:.2f} s (batched/floor {j['batched_over_floor']:.2f}) |")
+        print(f"| batched with the plain AttnProcessor swapped in | {j['batched_plain_attn_s']:.2f} s ({j['plain_attn_over_sdpa']:.2f}x) |")
+    for c in res.get("compressed", []):
         print(f"| compressed vs dense, {c['model']} {c['image']} | passes {c['compressed_passes']} vs {c['dense_passes']} "
               f"({c['pass_ratio']:.2f}x), time {c['compressed_s']:.2f} vs {c['dense_s']:.2f} s ({c['time_ratio']:.2f}x), "
               f"certified {c['certified_fraction']:.2f}, max diff {c['max_abs_diff']:.1e} |")
-    for c in res["conditional"]:
+    for c in res.get("conditional", []):
         print(f"| conditional map {c['model']}: JVP {c['jvp_attribution_full_map_s']:.2f} s vs IG-50 {c['ig50_full_map_s_scaled']:.1f} s "
               f"(scaled from {c['ig50_pixels']} px; {c['ig_over_jvp']:.0f}x) | cosine {c['cosine']:.3f}, sign {c['sign_agreement']:.3f} |")
     if args.out:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from interp.validation import check_finite
+
 
 @dataclass(frozen=True)
 class Conditioning:
@@ -60,8 +62,7 @@ class Conditioning:
             raise ValueError(
                 f"Conditioning.owner must be (L,) = ({self.tokens.shape[0]},), got {tuple(self.owner.shape)}"
             )
-        if not torch.isfinite(self.tokens).all():
-            raise ValueError("Conditioning.tokens contain NaN or Inf; check the encoder that produced them")
+        check_finite("Conditioning.tokens", self.tokens)  # skipped inside torch.func transforms
         k = len(self.labels)
         if self.owner.numel() and (self.owner.max().item() >= k or self.owner.min().item() < -1):
             raise ValueError(f"Conditioning.owner values must lie in [-1, {k - 1}] for {k} labelled conditioners")

@@ -21,6 +21,7 @@ from probes.conditional import conditional_locality, conditioner_jvp
 from probes.cpc import composition_masks, cpc_residual
 from probes.features import concept_cosines, feature_dependence, linear_probe_map
 from probes.forward_mode import forward_mode_ready
+from probes.inputs import forward_samples, log_levels
 from probes.jacobian import aggregate_map, pixel_jacobian, pixel_locality
 from probes.results import ProbeResult, concat_frames
 from probes.summaries import (
@@ -49,10 +50,12 @@ __all__ = [
     "effective_conditioners",
     "feature_dependence",
     "forward_mode_ready",
+    "forward_samples",
     "hoyer_sparsity",
     "integrated_gradients_map",
     "linear_probe_map",
     "locality_sweep",
+    "log_levels",
     "mass_outside",
     "mass_radius",
     "mass_square_side",

@@ -4,6 +4,8 @@
   (:func:`probes.locality_sweep`); re-running the same command after an interruption finishes it.
 * ``scorescope locality pixel|cond|cpc --model NAME --t 0.5 --json FILE`` — one probe, its summaries
   printed as a table and the full result (maps included) written as JSON.
+
+Models load on the GPU when one is present (override with ``SCORESCOPE_DEVICE=cpu``).
 """
 
 from __future__ import annotations
@@ -23,11 +25,16 @@ PROMPT = typer.Option(None, "--prompt", help="SDXL phrases, separated by '|' (de
 
 
 def _load(model: str, locations: Optional[str], prompt: Optional[str]):
+    import os
+
+    import torch
+
     from probes.sweep import _resolve, parse_locations
 
     locs = parse_locations(locations) if locations else None
     phrases = prompt.split("|") if prompt else None
-    return _resolve(model, None, locs, phrases)
+    device = os.environ.get("SCORESCOPE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return _resolve(model, None, locs, phrases, device=device)
 
 
 def _emit(result, json_path: Optional[Path], maps: bool) -> None:
@@ -52,6 +59,7 @@ def sweep(
     metrics: str = typer.Option("cond,cpc", "--metrics", help="Subset of cond,cpc,pixel."),
     radius: float = typer.Option(0.2, "--radius", help="Region radius (normalised units)."),
     directions: str = typer.Option("8", "--directions", help="JVP directions per conditioner, or 'all'."),
+    branches: str = typer.Option("cond", "--branches", help="CFG branches of the output probes: cond,guided."),
     locations: Optional[str] = LOCS,
     prompt: Optional[str] = PROMPT,
 ) -> None:
@@ -61,7 +69,8 @@ def sweep(
     den, name, cond = _load(model, locations, prompt)
     df = locality_sweep(den, cond, sites=sites, t=parse_floats(t), seeds=seeds, out=out,
                         metrics=[m for m in metrics.split(",") if m], radius=radius,
-                        directions=directions if directions == "all" else int(directions), progress=typer.echo)
+                        directions=directions if directions == "all" else int(directions),
+                        branches=[b for b in branches.split(",") if b], progress=typer.echo)
     df["model"] = name
     typer.echo(f"{len(df)} rows -> {out / 'results.csv'}")
 
@@ -74,7 +83,8 @@ def pixel(
     pixels: str = typer.Option("center", "--pixels", help="'all', 'center', a grid stride (int), or 'r,c;r,c'."),
     method: str = typer.Option("dense", "--method", help="dense | compressed"),
     radius: Optional[int] = typer.Option(None, "--radius", help="Receptive-field radius (pixels) for --method compressed."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result (maps included) here."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result here."),
+    include_maps: bool = typer.Option(True, "--maps/--no-maps", help="Include the G maps in the JSON (large for --pixels all)."),
     locations: Optional[str] = LOCS,
     prompt: Optional[str] = PROMPT,
 ) -> None:
@@ -89,7 +99,7 @@ def pixel(
     elif ";" in pixels or "," in pixels:
         spec = [tuple(int(v) for v in p.split(",")) for p in pixels.split(";") if p]
     res = pixel_locality(den, cond, parse_floats(t), seeds, pixels=spec, method=method, radius=radius)  # type: ignore[arg-type]
-    _emit(res, json_path, maps=True)
+    _emit(res, json_path, maps=include_maps)
 
 
 @app.command()

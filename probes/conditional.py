@@ -173,7 +173,7 @@ def conditional_locality(
                             conditioner_jvp(den, x_t[s : s + 1], ts, cond, v, output=output, chunk_size=chunk_size).pow(2).sum((0, 1))
                             for s in range(x_t.shape[0])
                         ])  # (S, H, W)
-                        per["jvp"].append(scale * (sq * factor).sqrt().mean(0))
+                        per["jvp"].append(abs(scale) * (sq * factor).sqrt().mean(0))
                     if "attribution" in maps:
                         b = baseline.to(cond.tokens) if baseline is not None else torch.zeros_like(cond.tokens)
                         d = torch.zeros_like(cond.tokens)

@@ -78,7 +78,7 @@ def cpc_residual(
     Returns:
         :class:`ProbeResult` with map ``"residual" (T, H, W)`` (per-pixel ‖·‖ over channels, mean over
         samples), ``"masks" (k, H, W)``, and rows ``cpc_residual``, ``cpc_residual_regions``,
-        ``cpc_residual_background`` per ``(t, seed)`` plus their means over seeds (``seed = None``).
+        ``cpc_residual_background`` per ``(t, seed)`` plus their means over seeds (``seed = None``, ``stat = "mean"``).
     """
     check_conditioning(cond, need_locations=True, max_k=max_conditioners)
     levels, seed_list = as_levels(t), as_seeds(seeds)
@@ -112,7 +112,7 @@ def cpc_residual(
         for name, vals in rows.items():
             for s, seed in enumerate(seed_list):
                 result.add(name, float(vals[s]), t=level, timestep=int(ts), seed=seed)
-            result.add(name, float(vals.mean()), t=level, timestep=int(ts), seed=None, aggregate="mean")
+            result.add(name, float(vals.mean()), t=level, timestep=int(ts), seed=None, stat="mean")
         res_maps.append(diff.pow(2).sum(1).sqrt().mean(0).float())
     result.maps["residual"] = torch.stack(res_maps)
     result.axes["residual"] = ("t", "row", "col")

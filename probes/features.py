@@ -153,7 +153,7 @@ def feature_dependence(
                     rho = diff.flatten(1).norm(dim=1) / (full - null).flatten(1).norm(dim=1).clamp_min(1e-30)
                     for s, seed in enumerate(seed_list):
                         result.add("feature_cpc_residual", float(rho[s]), t=level, timestep=int(ts), seed=seed)
-                    result.add("feature_cpc_residual", float(rho.mean()), t=level, timestep=int(ts), aggregate="mean")
+                    result.add("feature_cpc_residual", float(rho.mean()), t=level, timestep=int(ts), stat="mean")
         for m in maps:
             chans = torch.stack(per[m])  # (k, C_L, h, w)
             store[m].append(chans)

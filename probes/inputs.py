@@ -45,6 +45,17 @@ def as_levels(t: float | Sequence[float]) -> list[float]:
     return levels
 
 
+def log_levels(n: int = 10, lo: float = 0.02, hi: float = 0.98) -> list[float]:
+    """``n`` noise fractions log-spaced in ``[lo, hi]`` (SCIENCE.md §3.5 asks for 8–12 per sweep)."""
+    import math
+
+    if n < 1 or not 0 < lo <= hi <= 1:
+        raise ValueError(f"need n >= 1 and 0 < lo <= hi <= 1, got n={n}, lo={lo}, hi={hi}")
+    if n == 1:
+        return [hi]
+    return [round(math.exp(math.log(lo) + i * (math.log(hi) - math.log(lo)) / (n - 1)), 6) for i in range(n)]
+
+
 def input_shape(den: Denoiser, shape: Sequence[int] | None = None) -> tuple[int, int, int]:
     """``(C, H, W)`` of the model's input: ``shape`` if given, else from the network config."""
     if shape is not None:

@@ -154,21 +154,49 @@ def pixel_jacobian(
     Returns:
         ``(S, P, C_out, C_in, H, W)`` in the accumulation dtype (float32, float64 for float64 input).
     """
+    rows: list[list[Tensor]] = []
+    for s, _, block in iter_jacobian_blocks(den, x_t, t, cond, pixels=pixels, branch=branch, output=output, chunk_size=chunk_size,
+                                            memory_budget=memory_budget, derivative_ready=derivative_ready):
+        if s == len(rows):
+            rows.append([])
+        rows[s].append(block)
+    return torch.stack([torch.cat(r) for r in rows])
+
+
+def iter_jacobian_blocks(
+    den: Denoiser,
+    x_t: Tensor,
+    t: Tensor | int,
+    cond: Conditioning,
+    *,
+    pixels: PixelSpec = "all",
+    block: int = 256,
+    branch: Branch = "cond",
+    output: Output = "prediction",
+    chunk_size: int | None = None,
+    memory_budget: int | str | None = None,
+    derivative_ready: bool = False,
+):
+    """Yield ``(sample, pixel_slice, rows (p, C_out, C_in, H, W))`` for blocks of ``block`` output pixels.
+
+    One linearisation per sample; callers that only need a reduction (Niedoba's ``G``) never hold more than
+    one block of rows (a full SDXL-latent Jacobian, 4×128² rows of 4×128², would not fit in memory).
+    """
     if x_t.dim() != 4:
         raise ValueError(f"x_t must be (S, C, H, W), got {tuple(x_t.shape)}")
     px = pixel_list(pixels, tuple(x_t.shape[-2:]))
     acc = accumulation_dtype(x_t)
-    rows = []
     ctx = forward_mode_ready(den.unet) if derivative_ready else contextlib.nullcontext()
     with ctx:
         for s in range(x_t.shape[0]):
             fn = lambda x: evaluate(den, x, t, cond, branch=branch, output=output)  # noqa: E731
             eng = RowEngine(fn, x_t[s : s + 1], chunk_size=chunk_size, memory_budget=memory_budget)
             C_out = eng.out.shape[1]
-            cot = basis_cotangents(px, eng.out.shape[1:], dtype=eng.out.dtype, device=eng.out.device)
-            g = eng(cot).to(acc)
-            rows.append(g.reshape(px.shape[0], C_out, *g.shape[1:]))
-    return torch.stack(rows)
+            for start in range(0, px.shape[0], block):
+                sl = slice(start, min(start + block, px.shape[0]))
+                cot = basis_cotangents(px[sl], eng.out.shape[1:], dtype=eng.out.dtype, device=eng.out.device)
+                g = eng(cot).to(acc)
+                yield s, sl, g.reshape(sl.stop - sl.start, C_out, *g.shape[1:])
 
 
 def aggregate_map(jac: Tensor) -> Tensor:
@@ -239,7 +267,18 @@ def pixel_locality(
     for level in levels:
         x_t, ts = forward_samples(den, level, seed_list, x0=x0, shape=shape, dtype=dtype)
         px = pixel_list(pixels, tuple(x_t.shape[-2:]))
-        if method == "dense":
+        if method == "dense" and not keep_jacobian:
+            G = None
+            passes = 0
+            for s, sl, rows in iter_jacobian_blocks(den, x_t, ts, cond, pixels=px, branch=branch, output=output,
+                                                    chunk_size=chunk_size, memory_budget=memory_budget):
+                if G is None:
+                    G = torch.zeros(px.shape[0], *rows.shape[-2:], dtype=rows.dtype, device=rows.device)
+                G[sl] += rows.abs().sum(dim=(1, 2)) / x_t.shape[0]
+                passes += rows.shape[0] * rows.shape[1]
+            jac = None
+            certified = torch.ones(px.shape[0], dtype=torch.bool)
+        elif method == "dense":
             jac = pixel_jacobian(den, x_t, ts, cond, pixels=px, branch=branch, output=output, chunk_size=chunk_size, memory_budget=memory_budget)
             passes = jac.shape[0] * jac.shape[1] * jac.shape[2]
             certified = torch.ones(px.shape[0], dtype=torch.bool)
@@ -256,7 +295,8 @@ def pixel_locality(
             certified = cj.certified.all(0)[flat]
         else:
             raise ValueError(f"method must be 'dense' or 'compressed', got {method!r}")
-        G = aggregate_map(jac)
+        if jac is not None:
+            G = aggregate_map(jac)
         maps.append(G.float())
         if keep_jacobian:
             jacs.append(jac)

@@ -1,6 +1,6 @@
 """Locality sweeps: sites × noise levels × samples → one tidy DataFrame, resumable at any point.
 
-A sweep is a list of *units* ``(site, t, seed)``. Each unit runs the probes for that site (the output
+A sweep is a list of *units* ``(site, t, seed)`` (and CFG branch for the output site). Each unit runs the probes for that site (the output
 ``"output"``: conditional maps + CPC residual + optionally pixel locality on a grid; a layer: the
 feature-space dependence of :mod:`probes.features`) and yields tidy rows. Storage *(ours)*:
 
@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from torch import Tensor
 
 from interp import Conditioning, Denoiser
 from interp.site import resolve_paths
@@ -67,9 +66,9 @@ def expand_sites(den: Denoiser, sites: str | Sequence[str]) -> list[str]:
     return out
 
 
-def unit_key(site: str, t: float, seed: int) -> str:
+def unit_key(site: str, t: float, seed: int, branch: str = "cond") -> str:
     """Stable file-name-safe key of a unit."""
-    raw = f"{site}|{t!r}|{seed}"
+    raw = f"{site}|{t!r}|{seed}" + ("" if branch == "cond" else f"|{branch}")
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 
@@ -89,8 +88,8 @@ def _conditioning_id(cond: Conditioning) -> str:
     return json.dumps({"k": cond.k, "labels": list(cond.labels), "locations": loc, "tokens": digest})
 
 
-def run_unit(den: Denoiser, cond: Conditioning, site: str, t: float, seed: int, cfg: SweepConfig, **kw: Any) -> pd.DataFrame:
-    """All probes of one ``(site, t, seed)`` unit as a tidy frame."""
+def run_unit(den: Denoiser, cond: Conditioning, site: str, t: float, seed: int, cfg: SweepConfig, branch: str = "cond", **kw: Any) -> pd.DataFrame:
+    """All probes of one ``(site, t, seed, branch)`` unit as a tidy frame."""
     from probes.conditional import conditional_locality
     from probes.cpc import cpc_residual
     from probes.features import feature_dependence
@@ -101,11 +100,12 @@ def run_unit(den: Denoiser, cond: Conditioning, site: str, t: float, seed: int, 
     directions: int | str = cfg.directions if cfg.directions == "all" else int(cfg.directions)
     if site == OUTPUT_SITE:
         if "cond" in cfg.metrics:
-            results.append(conditional_locality(den, cond, t, [seed], maps=("jvp", "ablation"), directions=directions, radius=radius, **kw))
+            results.append(conditional_locality(den, cond, t, [seed], maps=("jvp", "ablation"), directions=directions,
+                                                radius=radius, branch=branch, **kw))  # type: ignore[arg-type]
         if "cpc" in cfg.metrics and cond.locations is not None:
-            results.append(cpc_residual(den, cond, t, [seed], radius=cfg.radius, **kw))
+            results.append(cpc_residual(den, cond, t, [seed], radius=cfg.radius, branch=branch, **kw))  # type: ignore[arg-type]
         if "pixel" in cfg.metrics:
-            results.append(pixel_locality(den, cond, t, [seed], pixels=cfg.pixel_stride, **kw))
+            results.append(pixel_locality(den, cond, t, [seed], pixels=cfg.pixel_stride, branch=branch, **kw))  # type: ignore[arg-type]
     else:
         if "cond" in cfg.metrics or "cpc" in cfg.metrics:
             results.append(feature_dependence(den, site, cond, t, [seed], directions=directions, radius=radius,
@@ -113,11 +113,12 @@ def run_unit(den: Denoiser, cond: Conditioning, site: str, t: float, seed: int, 
     frames = []
     for r in results:
         f = r.frame()
-        if "aggregate" in f.columns:  # per-seed rows only: the unit *is* one seed
-            f = f[f["aggregate"].isna()].drop(columns="aggregate")
+        if "stat" in f.columns:  # per-seed rows only: the unit *is* one seed
+            f = f[f["stat"].isna()].drop(columns="stat")
         f["site"] = site
         f["t"] = t
         f["seed"] = seed
+        f["branch"] = branch
         frames.append(f)
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(CORE_COLUMNS))
     df["model"] = cfg.model
@@ -138,7 +139,9 @@ def locality_sweep(
     pixel_stride: int = 8,
     locations: Sequence[Sequence[float]] | None = None,
     prompt: Sequence[str] | None = None,
+    branches: Sequence[str] = ("cond",),
     progress: Callable[[str], None] | None = None,
+    device: str | None = None,
     **probe_kwargs: Any,
 ) -> pd.DataFrame:
     """Run (or resume) a sweep and return its tidy frame.
@@ -153,18 +156,28 @@ def locality_sweep(
         metrics: subset of ``"cond"`` (conditional maps), ``"cpc"`` (CPC residual), ``"pixel"`` (pixel
             locality on a grid of stride ``pixel_stride``; output site only).
         radius: region / mask radius (normalised units). directions: JVP directions per conditioner.
+        branches: CFG branches of the output-site probes: ``"cond"`` and/or ``"guided"`` (the denoiser's
+            guidance scale); layer sites read the conditional branch.
         progress: called with a line per unit (``"done"`` / ``"skip"``).
+        device: where a model given by name is loaded (default: the GPU when present).
         probe_kwargs: passed to every probe (``x0=``, ``shape=``, ``chunk_size=``...).
 
     Returns:
         the tidy frame of every unit (resumed units read back from their parts).
     """
-    den, name, cond = _resolve(model, cond, locations, prompt)
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    den, name, cond = _resolve(model, cond, locations, prompt, device=device)
     bad = set(metrics) - {"cond", "cpc", "pixel"}
     if bad or not metrics:
         raise ValueError(f"metrics must be a non-empty subset of ('cond', 'cpc', 'pixel'); got {list(metrics)}")
     levels, seed_list = as_levels(t), as_seeds(seeds)
     site_list = expand_sites(den, sites)
+    branch_list = list(branches)
+    if not branch_list or set(branch_list) - {"cond", "guided"}:
+        raise ValueError(f"branches must be a non-empty subset of ('cond', 'guided'); got {branch_list}")
     cfg = SweepConfig(
         model=name, config_hash=den.metadata()["config_hash"], sites=site_list, levels=levels, seeds=seed_list,
         metrics=sorted(metrics), radius=float(radius), directions=str(directions), pixel_stride=int(pixel_stride),
@@ -177,24 +190,25 @@ def locality_sweep(
         parts_dir.mkdir(parents=True, exist_ok=True)
         _check_config(out / "sweep.json", cfg)
     frames: list[pd.DataFrame] = []
-    for site in site_list:
-        for level in levels:
-            for seed in seed_list:
-                key = unit_key(site, level, seed)
-                part = parts_dir / f"{key}.csv" if parts_dir is not None else None
-                if part is not None and part.exists():
-                    frames.append(pd.read_csv(part))
-                    if progress:
-                        progress(f"skip {site} t={level} seed={seed} (done)")
-                    continue
-                df = run_unit(den, cond, site, level, seed, cfg, **probe_kwargs)
-                df["unit"] = key
-                if part is not None:
-                    atomic_write_csv(df, part)
-                    df = pd.read_csv(part)  # identical dtypes for fresh and resumed units
-                frames.append(df)
-                if progress:
-                    progress(f"done {site} t={level} seed={seed}: {len(df)} rows")
+    units = [(site, level, seed, branch) for site in site_list for level in levels for seed in seed_list
+             for branch in (branch_list if site == OUTPUT_SITE else ["cond"])]
+    for site, level, seed, branch in units:
+        key = unit_key(site, level, seed, branch)
+        tag = f"{site} t={level} seed={seed}" + ("" if branch == "cond" else f" branch={branch}")
+        part = parts_dir / f"{key}.csv" if parts_dir is not None else None
+        if part is not None and part.exists():
+            frames.append(pd.read_csv(part))
+            if progress:
+                progress(f"skip {tag} (done)")
+            continue
+        df = run_unit(den, cond, site, level, seed, cfg, branch=branch, **probe_kwargs)
+        df["unit"] = key
+        if part is not None:
+            atomic_write_csv(df, part)
+            df = pd.read_csv(part)  # identical dtypes for fresh and resumed units
+        frames.append(df)
+        if progress:
+            progress(f"done {tag}: {len(df)} rows")
     result = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(CORE_COLUMNS))
     if out is not None:
         atomic_write_csv(result, out / "results.csv")
@@ -223,14 +237,14 @@ def _check_config(path: Path, cfg: SweepConfig) -> None:
     os.replace(tmp, path)
 
 
-def _resolve(model: Denoiser | str, cond: Conditioning | None, locations: Any, prompt: Any) -> tuple[Denoiser, str, Conditioning]:
+def _resolve(model: Denoiser | str, cond: Conditioning | None, locations: Any, prompt: Any, *, device: str = "cpu") -> tuple[Denoiser, str, Conditioning]:
     if isinstance(model, Denoiser):
         if cond is None:
             raise ValueError("pass cond= with a Denoiser (model names build a default conditioning)")
         return model, model.name, cond
     from interp.models.registry import load_model
 
-    loaded = load_model(model)
+    loaded = load_model(model, device=device)
     den = loaded.denoiser
     if cond is None:
         if loaded.family == "clevr":

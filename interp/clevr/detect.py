@@ -53,6 +53,9 @@ class DetectorConfig:
     highlight_floor: float = 1.05
     bright_weight: float = 0.3
     noise_factor: float = 3.0
+    peak_sigma: float = 0.0
+    merge_distance: float = 5.0 / 32
+    merge_ratio: float = 0.7
 
 
 @dataclass(frozen=True)
@@ -128,10 +131,25 @@ def noise_level(images: Tensor | np.ndarray, *, value_range: str = "01") -> Tens
     return 1.4826 * mad
 
 
+def _same_object(s: Tensor, p: tuple[int, int], q: tuple[int, int], config: DetectorConfig, size: int) -> bool:
+    """True when the weaker peak ``p`` is joined to ``q`` by a ridge: along the segment the objectness never
+    drops below ``merge_ratio`` of ``p``'s value (two objects are always separated by a floor gap)."""
+    d2 = (p[0] - q[0]) ** 2 + (p[1] - q[1]) ** 2
+    if d2 > (config.merge_distance * size) ** 2:
+        return False
+    t = torch.linspace(0, 1, 9)
+    rows = torch.round(p[0] + t * (q[0] - p[0])).long()
+    cols = torch.round(p[1] + t * (q[1] - p[1])).long()
+    return bool(s[rows, cols].min() >= config.merge_ratio * s[p[0], p[1]])
+
+
 def detect(images: Tensor | np.ndarray, config: DetectorConfig = DetectorConfig(), *, value_range: str = "01") -> Detections:
     """Find objects in ``(B, 3, H, W)`` images; returns :class:`Detections`."""
     s = objectness(images, config, value_range=value_range)
     B, H, W = s.shape
+    if config.peak_sigma > 0:
+        # one object can light up in two places (highlight and shaded side): merge them before the peaks
+        s = _blur(s[:, None], config.peak_sigma * W)[:, 0]
     r_nms = config.nms_radius * W
     r = max(1, int(r_nms))
     pooled = F.max_pool2d(s[:, None], 2 * r + 1, stride=1, padding=r)[:, 0]
@@ -148,7 +166,7 @@ def detect(images: Tensor | np.ndarray, config: DetectorConfig = DetectorConfig(
         kept: list[tuple[int, int]] = []
         for i in order.tolist():
             rr, cc = int(rows[i]), int(cols[i])
-            if all((rr - a) ** 2 + (cc - c) ** 2 > r_nms**2 for a, c in kept):
+            if all((rr - a) ** 2 + (cc - c) ** 2 > r_nms**2 and not _same_object(s[b], (rr, cc), (a, c), config, W) for a, c in kept):
                 kept.append((rr, cc))
         pos, sc = [], []
         for rr, cc in kept:

@@ -323,12 +323,14 @@ def receptive_radius_px(model: ClevrLocalUNet, *, size: int | None = None, probe
 
 
 def conditioner_radius(model: ClevrLocalUNet) -> float:
-    """Bound on the normalised distance from an output pixel to any conditioner that can affect it.
+    """Normalised distance beyond which a conditioner cannot affect an output pixel (a proven bound).
 
-    A conditioner enters only through the attention at half resolution: a cell within ``attention_radius``
-    of it, then at most the receptive radius of the layers after the attention (the pixel receptive radius
-    is an upper bound on that), plus half a cell's diagonal for the cell-centre geometry.
+    Conditioners enter only through the two attentions at half resolution, which sit at the same cells
+    (the block between them is pointwise). After them come ``up_res`` (3×3 then 1×1 at full resolution) and
+    ``conv_out`` (3×3): output pixel ``p`` reads full-resolution pixels ``p ± 2``, i.e. half-resolution cells
+    whose centres lie at most 2.5 px away per axis. So a conditioner can reach ``p`` only from within
+    ``attention_radius + √2 · 2.5 px``. ``tests/clevr/test_local_model.py`` checks it by measurement.
     """
     size = model.config.sample_size
-    cell = 2.0 / size
-    return float(model.config.attention_radius + receptive_radius_px(model) / size + cell * math.sqrt(2) / 2)
+    per_axis_px = 2 + 0.5  # two 3×3 convs after the attention, plus the cell-centre offset
+    return float(model.config.attention_radius + math.sqrt(2) * per_axis_px / size)

@@ -13,7 +13,7 @@ def test_cpc_residual_is_zero_for_the_exactly_local_model(local_den, global_den,
     res = cpc_residual(local_den, toy_cond, [0.1, 0.9], 2, radius=0.21, dtype=torch.float64)
     df = res.frame()
     assert (df.query("metric == 'cpc_residual'").value < 1e-10).all()
-    assert len(df.query("metric == 'cpc_residual' and aggregate == 'mean'")) == 2
+    assert len(df.query("metric == 'cpc_residual' and stat == 'mean'")) == 2
     g = cpc_residual(global_den, toy_cond, 0.5, 1, radius=0.21, dtype=torch.float64)
     assert (g.frame().query("metric == 'cpc_residual'").value > 0.1).all()
     assert res["residual"].shape == (2, 12, 12)

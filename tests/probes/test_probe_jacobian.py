@@ -132,6 +132,10 @@ def test_pixel_spec_errors():
     with pytest.raises(ValueError, match="pixels must be"):
         pixel_list("some", (32, 32))
     assert pixel_list(8, (32, 32)).shape == (16, 2)
+    from probes import log_levels
+
+    lv = log_levels(10)
+    assert len(lv) == 10 and lv[0] == 0.02 and lv[-1] == 0.98 and lv == sorted(lv)
 
 
 def test_mass_summaries_on_known_maps():

@@ -64,6 +64,14 @@ def test_sweep_rows_are_tidy(local_den, toy_cond):
     assert list(df.columns[:6]) == ["model", "site", "t", "metric", "value", "seed"]
     assert {"in_region", "cpc_residual", "side_50", "participation_ratio"} <= set(df.metric)
     assert (df.model == "toy-local").all()
+    from interp import Denoiser
+
+    guided = Denoiser(local_den.unet, guidance_scale=2.0, name="toy-local")
+    both = locality_sweep(guided, toy_cond, sites="output", t=[0.5], seeds=1, branches=("cond", "guided"), directions=2,
+                          dtype=torch.float64)
+    assert set(both.branch) == {"cond", "guided"}
+    inr = both[both.metric == "in_region"]
+    assert (inr.value >= 1 - 1e-6).all() and len(inr) == 2 * 2 * 2  # 2 branches x 2 conditioners x (jvp, ablation)
     with pytest.raises(ValueError, match="metrics"):
         locality_sweep(local_den, toy_cond, metrics=("bogus",))
     with pytest.raises(Exception, match="Closest real paths"):
