@@ -168,13 +168,33 @@ def bench_conditional(ig_pixels: int) -> list[dict]:
     return out
 
 
+def _rendered_scenes(locs: list[list[float]], seeds: int, size: int) -> torch.Tensor | None:
+    """Clean CLEVR scenes with objects at ``locs`` (random shapes/colours per seed), in [-1, 1]; the
+    forward process starts from them, so x_t looks like the training data at every noise level."""
+    try:
+        import numpy as np
+
+        from interp.clevr.render import random_scene, render
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    scene = random_scene(rng, [len(locs)] * seeds, positions=[np.asarray(locs, np.float32)] * seeds)
+    return torch.from_numpy(render(scene, size=size).to_model_range()).float()
+
+
 def compare_checkpoints(names: list[str], levels: list[float], seeds: int, directions: int) -> list[dict]:
     """Exp1/2/3 side by side (SCIENCE.md §2): in-region fraction of the JVP and ablation maps and the CPC
-    residual, three well-separated objects, x0 = 0 forward-process samples (ours)."""
+    residual, three well-separated objects, forward-process samples of rendered scenes with the objects
+    at the conditioned locations (ours)."""
     from probes import cpc_residual
 
-    rows = []
+    from probes.summaries import region_fractions
+
     locs = [[0.25, 0.3], [0.72, 0.25], [0.5, 0.75]]
+    # reference: the in-region fraction of a spatially uniform map (no locality at all)
+    uniform = float(region_fractions(torch.ones(3, 32, 32), torch.tensor(locs), 0.2)["in_region"].mean())
+    rows: list[dict] = [{"model": "uniform map (reference)", "t": float("nan"), "in_region_jvp": uniform,
+                         "in_region_ablation": uniform, "n_eff_jvp": 3.0, "cpc_residual": float("nan")}]
     for name in names:
         try:  # a shipped name, a save_pretrained folder, or a training-run folder (latest.json)
             from interp.clevr.checkpoints import resolve_clevr
@@ -185,8 +205,9 @@ def compare_checkpoints(names: list[str], levels: list[float], seeds: int, direc
             continue
         den = pipe.denoiser(name=name)
         cond = pipe.conditioning(locs)
-        cl = conditional_locality(den, cond, levels, seeds, maps=("jvp", "ablation"), directions=directions).frame()
-        cp = cpc_residual(den, cond, levels, seeds).frame()
+        x0 = _rendered_scenes(locs, seeds, den.config.get("sample_size", 32))
+        cl = conditional_locality(den, cond, levels, seeds, maps=("jvp", "ablation"), directions=directions, x0=x0).frame()
+        cp = cpc_residual(den, cond, levels, seeds, x0=x0).frame()
         for t in levels:
             inr = cl[(cl.metric == "in_region") & (cl.t == t)].groupby("map_name").value.mean()
             rows.append({

@@ -20,6 +20,7 @@ _LAZY = {
     "ClevrLocalUNet": "interp.models.clevr_local",
     "LocatedLocationEncoder": "interp.models.clevr_local",
     "ColourLocationEncoder": "interp.clevr.colour",
+    "CoordUNet2DConditionModel": "interp.clevr.coord_unet",
     "load_clevr": "interp.clevr.checkpoints",
 }
 

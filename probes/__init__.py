@@ -13,6 +13,22 @@ a :class:`interp.Conditioning`, noise levels (fractions of the schedule) and see
   layer's activation;
 * :func:`integrated_gradients_map` — captum baseline in the conditional maps' format;
 * :func:`locality_sweep` — sites × noise levels × seeds, resumable, one tidy frame.
+
+Quick start::
+
+    import probes
+    from interp.models import clevr_pipeline
+
+    pipe = clevr_pipeline("tiny", seed=0)
+    den, cond = pipe.denoiser(), pipe.conditioning([[0.2, 0.3], [0.7, 0.8]])
+    r = probes.conditional_locality(den, cond, t=[0.1, 0.5, 0.9], seeds=4)
+    r["jvp"]                      # (T, k, H, W) maps of ||dD_i/dc_j||
+    r.frame().query("metric == 'in_region'")
+    df = probes.locality_sweep(den, cond, sites=["output", "*attn2"], t=probes.log_levels(8), out="sweep/")
+
+Protocols marked *(ours)* in the module docstrings (x₀ = 0 inputs without data, region / leakage
+definitions, CPC masks, random JVP directions, the compression certificate, sweep storage) are the
+toolkit's choices where the paper is silent (SCIENCE.md).
 """
 
 from probes.baselines import integrated_gradients_map

@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +108,32 @@ def ship(run_dir: str | Path, name: str, *, eval_result: dict[str, Any] | None =
         raise ValueError(f"checkpoint {name} is {size / 2**20:.1f} MiB, over the {MAX_BYTES_EACH / 2**20:.0f} MiB limit")
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
+    with _manifest_lock(Path(assets)):
+        return _record(pipe, state, name, dest, size, eval_result, Path(assets), note)
+
+
+def _manifest_lock(assets: Path):
+    """An exclusive lock on the manifest (several runs may be shipped in parallel)."""
+    import contextlib
+    import fcntl
+
+    @contextlib.contextmanager
+    def lock():
+        import hashlib
+        import tempfile
+
+        key = hashlib.sha1(str(assets.resolve()).encode()).hexdigest()[:12]
+        with open(Path(tempfile.gettempdir()) / f"scorescope-clevr-manifest-{key}.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    return lock()
+
+
+def _record(pipe: Any, state: dict[str, Any], name: str, dest: Path, size: int, eval_result: dict[str, Any] | None, assets: Path, note: str) -> Path:
     manifest = read_manifest(Path(assets) / "MANIFEST.json")
     n_params = sum(p.numel() for p in pipe.unet.parameters()) + sum(p.numel() for p in pipe.location_encoder.parameters())
     entry = {

@@ -213,3 +213,32 @@ def format_table(result: dict[str, Any]) -> str:
         f = lambda v: "n/a" if v != v else f"{v:.3f}"  # noqa: E731 - NaN-aware formatting
         lines.append(f"| {r['k']} | {r['n']} | {f(r['count_acc'])} | {f(r['recall'])} | {f(r['precision'])} | {r['mean_count']:.2f} |")
     return "\n".join(lines)
+
+
+def compare_figure(results: dict[str, dict[str, Any]], path: str | Path, metric: str = "count_acc") -> Path:
+    """One seaborn plot of ``metric`` against k for several models (``{name: result}``), training range shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    rows = [dict(r, model=name) for name, res in results.items() for r in res["per_k"]]
+    df = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    lo, hi = TRAIN_RANGE
+    ax.axvspan(lo - 0.5, hi + 0.5, color="0.85", zorder=0, label="training range")
+    sns.lineplot(data=df, x="k", y=metric, hue="model", marker="o", ax=ax)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("requested objects k")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_xticks(sorted(df["k"].unique().tolist()))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -21,6 +21,7 @@ object masks are disjoint by construction and up to ``MAX_OBJECTS = 10`` objects
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -225,25 +226,19 @@ def _smooth(sdf_px: np.ndarray, width: float = 1.0) -> np.ndarray:
     return np.clip(0.5 - sdf_px / width, 0.0, 1.0)
 
 
-def render(scene: Scene, size: int = 32) -> Rendered:
-    """Draw a batch of scenes at ``size × size``; see :class:`Rendered` for the outputs and their shapes."""
-    if size < 8:
-        raise ValueError(f"size must be at least 8 pixels, got {size}")
-    B, K = scene.valid.shape
-    bg = floor(size)
-    if K == 0:
-        images = np.broadcast_to(bg, (B, 3, size, size)).copy()
-        empty = np.zeros((B, 0, size, size))
-        return Rendered(images, empty.astype(bool), empty.astype(np.float32), scene)
-    c = (np.arange(size, dtype=np.float32) + 0.5) / size
-    px = c[None, None, None, :]  # (1,1,1,W)
-    py = c[None, None, :, None]  # (1,1,H,1)
+def _draw(scene: Scene, px: np.ndarray, py: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-object coverage ``(B, K, h, w)``, shaded colour ``(B, K, 3, h, w)`` and shadow ``(B, K, h, w)``.
+
+    ``px`` / ``py`` are normalised pixel-centre coordinates broadcastable to ``(B, K, 1, w)`` / ``(B, K, h, 1)``:
+    the whole image (dense reference) or a window around each object (the fast path).
+    """
     cx = scene.positions[..., 0][..., None, None]  # (B,K,1,1)
     cy = scene.positions[..., 1][..., None, None]
     radius = np.where(scene.sizes == 1, RADIUS["large"], RADIUS["small"]).astype(np.float32)[..., None, None]
-    du, dv = px - cx, py - cy  # (B,K,H,W) normalised offsets
+    du, dv = px - cx, py - cy  # (B,K,h,w) normalised offsets
     scale = float(size)  # normalised → pixels
     shape = scene.shapes[..., None, None]
+    valid = scene.valid[..., None, None]
 
     # --- signed distances (normalised units), one per shape, selected per object
     rho = np.sqrt(du * du + dv * dv)
@@ -257,7 +252,7 @@ def render(scene: Scene, size: int = 32) -> Rendered:
     ell = (np.sqrt((du / (radius * 0.85)) ** 2 + ((np.abs(dv) - radius * 0.55) / (radius * 0.35)) ** 2) - 1) * radius * 0.35
     sd_cyl = np.minimum(body, ell)
     sd = np.where(shape == 0, sd_sphere, np.where(shape == 1, sd_cube, sd_cyl))
-    cover = _smooth(sd * scale) * scene.valid[..., None, None]
+    cover = _smooth(sd * scale) * valid
 
     # --- shading (a multiplicative factor on the base colour, plus a white highlight)
     nz = np.sqrt(np.clip(1 - (rho / radius) ** 2, 0, 1))
@@ -273,19 +268,87 @@ def render(scene: Scene, size: int = 32) -> Rendered:
     shade = np.where(shape == 0, sh_sphere, np.where(shape == 1, sh_cube, sh_cyl)).astype(np.float32)
     spec = np.where(shape == 0, spec_sphere, 0.0).astype(np.float32)
     base = _PALETTE[scene.colours]  # (B,K,3)
-    obj_rgb = np.clip(base[..., None, None] * shade[:, :, None] + spec[:, :, None], 0, 1)  # (B,K,3,H,W)
+    obj_rgb = np.clip(base[..., None, None] * shade[:, :, None] + spec[:, :, None], 0, 1)  # (B,K,3,h,w)
 
-    # --- soft shadows: a blurred disc offset away from the light, darkening the floor
+    # --- soft shadow: a blurred disc offset away from the light
     sx, sy = cx + 0.55 * radius, cy + 0.55 * radius
     sdist = np.sqrt((px - sx) ** 2 + (py - sy) ** 2) - radius * 1.05
-    shadow = (_smooth(sdist * scale, width=3.0) * scene.valid[..., None, None]).max(1)  # (B,H,W)
-    floor_img = bg[None] * (1 - 0.20 * shadow[:, None])
+    shadow = _smooth(sdist * scale, width=3.0) * valid
+    return cover.astype(np.float32), obj_rgb.astype(np.float32), shadow.astype(np.float32)
 
-    total = cover.sum(1)  # disjoint objects: ≤ 1 up to antialiased edges
-    total = np.clip(total, 0, 1)
-    scale_c = np.where(cover.sum(1) > 1, 1 / np.maximum(cover.sum(1), 1e-6), 1.0)
-    images = floor_img * (1 - total[:, None]) + (cover[:, :, None] * obj_rgb).sum(1) * scale_c[:, None]
-    return Rendered(images.astype(np.float32), cover >= 0.5, cover.astype(np.float32), scene)
+
+def _composite(bg: np.ndarray, cover_sum: np.ndarray, rgb_sum: np.ndarray, shadow: np.ndarray) -> np.ndarray:
+    """Floor darkened by the shadows, objects painted over it (their coverages sum to at most ~1)."""
+    floor_img = bg[None] * (1 - 0.20 * shadow[:, None])
+    total = np.clip(cover_sum, 0, 1)
+    scale_c = np.where(cover_sum > 1, 1 / np.maximum(cover_sum, 1e-6), 1.0)
+    return (floor_img * (1 - total[:, None]) + rgb_sum * scale_c[:, None]).astype(np.float32)
+
+
+def _render_dense(scene: Scene, size: int = 32) -> Rendered:
+    """Reference implementation: every object evaluated on the whole image (slow; used to test :func:`render`)."""
+    c = (np.arange(size, dtype=np.float32) + 0.5) / size
+    cover, rgb, shadow = _draw(scene, c[None, None, None, :], c[None, None, :, None], size)
+    images = _composite(floor(size), cover.sum(1), (cover[:, :, None] * rgb).sum(1), shadow.max(1))
+    return Rendered(images, cover >= 0.5, cover, scene)
+
+
+def _window(size: int) -> int:
+    """Half-width in pixels of the window holding everything one object draws (itself and its shadow)."""
+    shadow_reach = (0.55 * math.sqrt(2) + 1.05) * RADIUS["large"] * size + 1.5  # offset + radius + soft edge
+    return int(math.ceil(shadow_reach + 1.0))
+
+
+def render(scene: Scene, size: int = 32) -> Rendered:
+    """Draw a batch of scenes at ``size × size``; see :class:`Rendered` for the outputs and their shapes.
+
+    Each object is evaluated only in a window around it that holds everything it draws (the coverage and
+    shadow are exactly zero outside), and the windows are added into a padded canvas, one object slot at a
+    time for the whole batch. Equal to the dense reference up to float rounding of the sums.
+    """
+    if size < 8:
+        raise ValueError(f"size must be at least 8 pixels, got {size}")
+    B, K = scene.valid.shape
+    bg = floor(size)
+    if K == 0:
+        images = np.broadcast_to(bg, (B, 3, size, size)).copy()
+        empty = np.zeros((B, 0, size, size))
+        return Rendered(images, empty.astype(bool), empty.astype(np.float32), scene)
+    h = _window(size)
+    P = 2 * h + 1
+    S = size + 2 * h
+    # evaluate only real objects: flatten them to a batch of one-object "scenes"
+    bs, ks = np.nonzero(scene.valid)
+    flat = Scene(
+        positions=scene.positions[bs, ks][:, None],
+        valid=np.ones((len(bs), 1), bool),
+        shapes=scene.shapes[bs, ks][:, None],
+        colours=scene.colours[bs, ks][:, None],
+        sizes=scene.sizes[bs, ks][:, None],
+        angles=scene.angles[bs, ks][:, None],
+    )
+    centre = np.floor(flat.positions[:, 0] * size).astype(np.int64)  # (N,2) pixel (col, row) of each centre
+    offs = np.arange(-h, h + 1)
+    px = ((centre[:, 0, None] + offs + 0.5) / size).astype(np.float32)[:, None, None, :]
+    py = ((centre[:, 1, None] + offs + 0.5) / size).astype(np.float32)[:, None, :, None]
+    cover, rgb, shadow = _draw(flat, px, py, size)  # (N,1,P,P), (N,1,3,P,P), (N,1,P,P)
+    paint = cover[:, 0, None] * rgb[:, 0]  # (N,3,P,P)
+    cover_c = np.zeros((B, S, S), np.float32)
+    rgb_c = np.zeros((B, 3, S, S), np.float32)
+    shadow_c = np.zeros((B, S, S), np.float32)
+    coverage = np.zeros((B, K, S, S), np.float32)
+    # windows are added in object order, so sums match the dense reference's order over K
+    for n, (b, k) in enumerate(zip(bs.tolist(), ks.tolist())):
+        c0, r0 = int(centre[n, 0]), int(centre[n, 1])  # window starts at centre - h, i.e. padded index centre
+        win = (slice(r0, r0 + P), slice(c0, c0 + P))
+        cover_c[b][win] += cover[n, 0]
+        rgb_c[b][:, win[0], win[1]] += paint[n]
+        np.maximum(shadow_c[b][win], shadow[n, 0], out=shadow_c[b][win])
+        coverage[b, k][win] = cover[n, 0]
+    crop = (slice(None), slice(h, h + size), slice(h, h + size))
+    images = _composite(bg, cover_c[crop], rgb_c[:, :, h : h + size, h : h + size], shadow_c[crop])
+    coverage = np.ascontiguousarray(coverage[:, :, h : h + size, h : h + size])
+    return Rendered(images, coverage >= 0.5, coverage, scene)
 
 
 def render_random(seed: int, counts: Sequence[int] | np.ndarray, size: int = 32) -> Rendered:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import shutil
 import time
@@ -47,7 +46,8 @@ class Recipe:
 
     Attributes:
         name: recipe name. data: dataset recipe (:data:`~interp.clevr.datasets.RECIPE_DATA`).
-        arch: ``"global"`` (standard ``UNet2DConditionModel``) or ``"local"`` (:class:`ClevrLocalUNet`).
+        arch: ``"global-coord"`` (standard ``UNet2DConditionModel`` + pixel-coordinate input channels,
+            :mod:`interp.clevr.coord_unet`), ``"global"`` (the plain one) or ``"local"`` (:class:`ClevrLocalUNet`).
         encoder: ``"location"`` | ``"located"`` | ``"colour"``.
         unet: architecture keyword arguments (preset name and overrides for ``global``; config for ``local``).
         token_dim: token width. size: image side. batch_size / steps / lr / warmup / ema_decay: optimisation.
@@ -80,16 +80,16 @@ _GPU_LOCAL = dict(block_out_channels=(64, 128), attention_head_dim=16, attention
 RECIPES: dict[str, dict[str, Recipe]] = {
     # Sized for the shared 2-core CPU: four runs side by side, one thread each, ~90 minutes of wall time.
     "cpu": {
-        "exp1": Recipe("exp1", "exp1", "global", "location", _CPU_GLOBAL, token_dim=32, steps=3000, ema_decay=0.995),
-        "exp2": Recipe("exp2", "exp2", "global", "location", _CPU_GLOBAL, token_dim=32, steps=3000, ema_decay=0.995),
+        "exp1": Recipe("exp1", "exp1", "global-coord", "location", _CPU_GLOBAL, token_dim=32, steps=3000, ema_decay=0.995),
+        "exp2": Recipe("exp2", "exp2", "global-coord", "location", _CPU_GLOBAL, token_dim=32, steps=3000, ema_decay=0.995),
         "exp3": Recipe("exp3", "exp3", "local", "located", _CPU_LOCAL, token_dim=64, steps=6000, ema_decay=0.995),
-        "colour": Recipe("colour", "colour", "global", "colour", _CPU_GLOBAL, token_dim=32, steps=3000, ema_decay=0.995),
+        "colour": Recipe("colour", "colour", "global-coord", "colour", _CPU_GLOBAL, token_dim=32, steps=3000, ema_decay=0.995),
     },
     "gpu": {
-        "exp1": Recipe("exp1", "exp1", "global", "location", _GPU_GLOBAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000),
-        "exp2": Recipe("exp2", "exp2", "global", "location", _GPU_GLOBAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000),
+        "exp1": Recipe("exp1", "exp1", "global-coord", "location", _GPU_GLOBAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000),
+        "exp2": Recipe("exp2", "exp2", "global-coord", "location", _GPU_GLOBAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000),
         "exp3": Recipe("exp3", "exp3", "local", "located", _GPU_LOCAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000),
-        "colour": Recipe("colour", "colour", "global", "colour", _GPU_GLOBAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000),
+        "colour": Recipe("colour", "colour", "global-coord", "colour", _GPU_GLOBAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000),
     },
 }
 
@@ -120,10 +120,18 @@ def build_pipeline(recipe: Recipe, seed: int = 0):
         kw = dict(recipe.unet)
         preset = kw.pop("preset", "small")
         unet = clevr_unet(preset, seed=seed, sample_size=recipe.size, cross_attention_dim=recipe.token_dim, **kw)
+    elif recipe.arch == "global-coord":
+        from interp.clevr.coord_unet import CoordUNet2DConditionModel
+        from interp.models.clevr import clevr_unet_config
+
+        kw = dict(recipe.unet)
+        preset = kw.pop("preset", "small")
+        torch.manual_seed(seed)
+        unet = CoordUNet2DConditionModel(**clevr_unet_config(preset, sample_size=recipe.size, cross_attention_dim=recipe.token_dim, **kw))
     elif recipe.arch == "local":
         unet = ClevrLocalUNet(sample_size=recipe.size, cross_attention_dim=recipe.token_dim, **recipe.unet)
     else:
-        raise ValueError(f"unknown architecture {recipe.arch!r}; use 'global' or 'local'")
+        raise ValueError(f"unknown architecture {recipe.arch!r}; use 'global', 'global-coord' or 'local'")
     torch.manual_seed(seed + 1)
     encoders = {"location": LocationEncoder, "located": LocatedLocationEncoder, "colour": ColourLocationEncoder}
     if recipe.encoder not in encoders:
