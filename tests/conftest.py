@@ -18,7 +18,9 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: on a 2-core machine that is doing anything else, two OpenMP threads oversubscribe and a
+# tiny forward went from 40 ms to 4 s (measured here); one thread costs at most ~1.7x on an idle machine.
+torch.set_num_threads(int(os.environ.get("SCORESCOPE_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import inspect
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401 - diffusers looks ModelMixin up in this module when loading
 from torch import Tensor, nn
 
 #: Extra input channels: x and y of each pixel centre, in [-1, 1].
