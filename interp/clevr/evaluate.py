@@ -158,10 +158,17 @@ def figure(result: dict[str, Any], path: str | Path, title: str | None = None) -
     ax.set_xticks(df["k"].tolist())
     ax.set_title(title or f"length generalisation: {result['meta']['model']} (n={result['meta']['n']} per k)")
     ax.legend(fontsize=8, loc="lower left")
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure atomically (temporary file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     os.replace(tmp, path)
     return path
@@ -235,10 +242,4 @@ def compare_figure(results: dict[str, dict[str, Any]], path: str | Path, metric:
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_xticks(sorted(df["k"].unique().tolist()))
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
