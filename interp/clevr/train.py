@@ -291,10 +291,15 @@ def train(
     ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
         state = json.loads((ckpt / "state.json").read_text())
-        if state["recipe"] != json.loads(json.dumps(asdict(recipe))) or state["seed"] != seed:
+        # ``steps`` is not part of a run's identity: the learning rate is constant after warm-up, so a run
+        # extended to more steps continues exactly the trajectory a longer run would have taken.
+        saved = {k: v for k, v in state["recipe"].items() if k != "steps"}
+        wanted = {k: v for k, v in json.loads(json.dumps(asdict(recipe))).items() if k != "steps"}
+        if saved != wanted or state["seed"] != seed:
+            diff = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
             raise ValueError(
-                f"{out} holds a checkpoint of a different run (recipe {state['recipe']['name']!r}, seed {state['seed']}); "
-                "use another --out folder or pass resume=False to start over"
+                f"{out} holds a checkpoint of a different run (recipe {state['recipe']['name']!r}, seed {state['seed']}; "
+                f"differs in {diff or ['seed']}); use another --out folder or pass resume=False to start over"
             )
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
         ema = load_file(str(ckpt / "ema.safetensors"))

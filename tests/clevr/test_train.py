@@ -74,3 +74,15 @@ def test_cli_rejects_unknown_recipe(tmp_path):
     res = CliRunner().invoke(app, ["train", "--recipe", "exp9", "--out", str(tmp_path / "x")])
     assert res.exit_code != 0
     assert "unknown recipe" in res.output
+
+
+def test_extending_a_finished_run_equals_one_longer_run(tmp_path):
+    """``steps`` is not part of a run's identity: 2 steps, then extended to 4, equals 4 steps in one go."""
+    rec = dict(batch_size=2, checkpoint_every=2)
+    train(get_recipe("exp1", steps=2, **rec), tmp_path / "ext", progress=False)
+    train(get_recipe("exp1", steps=4, **rec), tmp_path / "ext", progress=False)
+    train(get_recipe("exp1", steps=4, **rec), tmp_path / "once", progress=False)
+    a, b = _weights(tmp_path / "ext"), _weights(tmp_path / "once")
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
