@@ -300,6 +300,9 @@ class Denoiser:
     def to_x0(self, prediction: Tensor, x_t: Tensor, t: Tensor | float | int) -> Tensor:
         """Convert a raw prediction to the denoised estimate x̂₀ = (x_t − √(1−ᾱ) ε̂) / √ᾱ."""
         ab = self._per_sample(self.alpha_bar(t), x_t)
+        if self.prediction_type == "v_prediction":
+            # x̂₀ = √ᾱ·x_t − √(1−ᾱ)·v: the same value as via ε̂, without dividing by √ᾱ (≈ 5e-5 at t = T).
+            return ab.sqrt() * x_t - (1 - ab).sqrt() * prediction
         return (x_t - (1 - ab).sqrt() * self.to_epsilon(prediction, x_t, t)) / ab.sqrt()
 
     def score(

@@ -7,7 +7,8 @@ model (DDIM, seeded), detect objects (:mod:`interp.clevr.detect`) and score them
 matching within a radius), mean detected count and the count-error histogram.
 
 The same sets of locations are used for every model evaluated with the same seed, so tables of different
-models are paired comparisons. Colour-conditioned models get a random colour per location (also seeded).
+models are paired comparisons. Colour-conditioned models get a random colour per location (also seeded), and
+are also scored on whether each matched object has the requested colour (``colour_acc``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 from torch import Tensor
 
 from interp.clevr.detect import DetectorConfig, detect
-from interp.clevr.metrics import MATCH_RADIUS, count_stats
+from interp.clevr.attributes import read_colours
+from interp.clevr.metrics import MATCH_RADIUS, colour_accuracy, count_stats
 from interp.clevr.render import COLOUR_NAMES, MAX_OBJECTS, sample_positions
 
 #: The training range of the Exp1–3 recipes (shaded in the figure).
@@ -101,7 +103,8 @@ def evaluate_length(
     """Run the length-generalisation evaluation.
 
     Returns a JSON-ready dict: ``per_k`` (list of ``{"k", "n", "count_acc", "recall", "precision",
-    "mean_count", "error_hist"}``), ``meta`` (model, seed, steps, radius, ...), and under ``"_images"`` a
+    "mean_count", "error_hist"}``, plus ``"colour_acc"`` for colour-conditioned models: the fraction of
+    matched objects drawn in the requested colour, :func:`~interp.clevr.attributes.read_colours`), ``meta`` (model, seed, steps, radius, ...), and under ``"_images"`` a
     ``(len(counts), keep_images, 3, H, W)`` tensor of the first samples per k for the grid figure (dropped by
     :func:`write_outputs` when writing the JSON).
     """
@@ -118,8 +121,10 @@ def evaluate_length(
             cols = [rng.integers(0, len(COLOUR_NAMES), size=k) for _ in range(n)]
         imgs = generate(pipe, req, seed=seed * 1000 + k, steps=steps, batch_size=batch_size, colours=cols, guidance_scale=guidance_scale)
         det = detect(imgs, detector)
-        stats = count_stats(k, req, det.positions, radius)
-        per_k.append(stats.as_dict())
+        row = count_stats(k, req, det.positions, radius).as_dict()
+        if cols is not None:
+            row["colour_acc"] = colour_accuracy(req, cols, det.positions, read_colours(imgs, det.positions), radius)
+        per_k.append(row)
         grids.append(imgs[:keep_images])
     meta = {
         "model": model_name,
@@ -147,7 +152,8 @@ def figure(result: dict[str, Any], path: str | Path, title: str | None = None) -
     import seaborn as sns
 
     df = pd.DataFrame(result["per_k"])
-    long = df.melt(id_vars="k", value_vars=["count_acc", "recall", "precision"], var_name="metric", value_name="value")
+    metrics = [m for m in ("count_acc", "recall", "precision", "colour_acc") if m in df]
+    long = df.melt(id_vars="k", value_vars=metrics, var_name="metric", value_name="value")
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     lo, hi = result["meta"].get("train_range", TRAIN_RANGE)
     ax.axvspan(lo - 0.5, hi + 0.5, color="0.85", zorder=0, label="training range")
@@ -215,10 +221,13 @@ def write_outputs(result: dict[str, Any], json_path: str | Path, *, figure_path:
 
 def format_table(result: dict[str, Any]) -> str:
     """Markdown table of the per-k metrics."""
-    lines = ["| k | n | count_acc | recall | precision | mean_count |", "|---|---|---|---|---|---|"]
+    colour = any("colour_acc" in r for r in result["per_k"])
+    head = "| k | n | count_acc | recall | precision | mean_count |" + (" colour_acc |" if colour else "")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in result["per_k"]:
         f = lambda v: "n/a" if v != v else f"{v:.3f}"  # noqa: E731 - NaN-aware formatting
-        lines.append(f"| {r['k']} | {r['n']} | {f(r['count_acc'])} | {f(r['recall'])} | {f(r['precision'])} | {r['mean_count']:.2f} |")
+        row = f"| {r['k']} | {r['n']} | {f(r['count_acc'])} | {f(r['recall'])} | {f(r['precision'])} | {r['mean_count']:.2f} |"
+        lines.append(row + (f" {f(r.get('colour_acc', float('nan')))} |" if colour else ""))
     return "\n".join(lines)
 
 

@@ -92,3 +92,27 @@ def count_stats(k: int, requested: Sequence[np.ndarray], detected: Sequence[np.n
         mean_count=float(counts.mean()),
         error_hist={int(e): int(c) for e, c in zip(errors, freq)},
     )
+
+
+def colour_accuracy(
+    requested: Sequence[np.ndarray],
+    requested_colours: Sequence[np.ndarray],
+    detected: Sequence[np.ndarray],
+    detected_colours: Sequence[np.ndarray],
+    radius: float = MATCH_RADIUS,
+) -> float:
+    """Among matched (request, detection) pairs, the fraction drawn in the requested colour (pooled).
+
+    ``requested`` / ``detected``: per image ``(k, 2)`` / ``(n, 2)`` positions; ``requested_colours`` /
+    ``detected_colours``: per image palette indices ``(k,)`` / ``(n,)`` (the latter read off the image by
+    :func:`interp.clevr.attributes.read_colours`). Unmatched requests do not count (recall covers them);
+    NaN when nothing matched.
+    """
+    if not len(requested) == len(requested_colours) == len(detected) == len(detected_colours):
+        raise ValueError("requested, requested_colours, detected and detected_colours must have one entry per image")
+    right = total = 0
+    for r, rc, d, dc in zip(requested, requested_colours, detected, detected_colours):
+        for i, j in match(r, d, radius):
+            total += 1
+            right += int(np.asarray(rc)[i] == np.asarray(dc)[j])
+    return right / total if total else float("nan")

@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,10 @@ class Recipe:
         token_dim: token width. size: image side. batch_size / steps / lr / warmup / ema_decay: optimisation.
         p_uncond: probability of training a sample with the null condition (enables CFG and D(x|∅) probes).
         checkpoint_every: steps between checkpoints.
+        prediction_type: the network's target, ``"epsilon"`` or ``"v_prediction"`` (v = √ᾱ·ε − √(1−ᾱ)·x₀;
+            Salimans & Ho 2022). The CPU recipes use v: a small GroupNorm U-Net trained briefly on ε drifts in
+            global colour, because at high noise x̂₀ = (x_t − √(1−ᾱ)·ε̂)/√ᾱ amplifies any error in the
+            predicted per-image mean of ε, which GroupNorm makes hard to express; v needs no such division.
     """
 
     name: str
@@ -70,29 +74,30 @@ class Recipe:
     p_uncond: float = 0.1
     checkpoint_every: int = 200
     grad_clip: float = 1.0
+    prediction_type: str = "epsilon"
 
 
-_CPU_GLOBAL = dict(preset="tiny")
+_CPU_GLOBAL = dict(preset="tiny", attention_head_dim=2)
 _GPU_GLOBAL = dict(preset="base")
 _CPU_LOCAL = dict(block_out_channels=(32, 64), attention_head_dim=16, attention_radius=0.12)
 _GPU_LOCAL = dict(block_out_channels=(64, 128), attention_head_dim=16, attention_radius=0.12)
 
 RECIPES: dict[str, dict[str, Recipe]] = {
-    # Sized for the shared 2-core CPU: four runs side by side, one thread each. The step counts are those of the
-    # shipped checkpoints (runs were stopped at the session's time budget, exp1/exp2 after being extended from
-    # 1,000 to 3,200 steps; the learning rate is constant after warm-up, so a run of N steps equals a longer run
-    # stopped at N — tested).
+    # Sized for the shared 2-core CPU: two runs side by side, one thread each, about 45 minutes a pair. The
+    # global U-Net uses 2 attention heads (head width 8–16) instead of the preset's 8: on CPU, SDPA with head
+    # width 2–4 took half of each training step (step 0.79 s → 0.50 s, measured). The learning rate is
+    # constant after warm-up, so a run of N steps equals a longer run stopped at N (tested).
     "cpu": {
-        "exp1": Recipe("exp1", "exp1", "global-coord", "location", _CPU_GLOBAL, token_dim=32, steps=3200, ema_decay=0.995),
-        "exp2": Recipe("exp2", "exp2", "global-coord", "location", _CPU_GLOBAL, token_dim=32, steps=3200, ema_decay=0.995),
-        "exp3": Recipe("exp3", "exp3", "local", "located", _CPU_LOCAL, token_dim=64, steps=3600, ema_decay=0.995),
-        "colour": Recipe("colour", "colour", "global-coord", "colour", _CPU_GLOBAL, token_dim=32, steps=1000, ema_decay=0.995),
+        "exp1": Recipe("exp1", "exp1", "global-coord", "location", _CPU_GLOBAL, token_dim=32, steps=5000, ema_decay=0.998, prediction_type="v_prediction"),
+        "exp2": Recipe("exp2", "exp2", "global-coord", "location", _CPU_GLOBAL, token_dim=32, steps=5000, ema_decay=0.998, prediction_type="v_prediction"),
+        "exp3": Recipe("exp3", "exp3", "local", "located", _CPU_LOCAL, token_dim=64, steps=6000, ema_decay=0.998, prediction_type="v_prediction"),
+        "colour": Recipe("colour", "colour", "global-coord", "colour", _CPU_GLOBAL, token_dim=32, steps=5000, ema_decay=0.998, prediction_type="v_prediction"),
     },
     "gpu": {
-        "exp1": Recipe("exp1", "exp1", "global-coord", "location", _GPU_GLOBAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000),
-        "exp2": Recipe("exp2", "exp2", "global-coord", "location", _GPU_GLOBAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000),
-        "exp3": Recipe("exp3", "exp3", "local", "located", _GPU_LOCAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000),
-        "colour": Recipe("colour", "colour", "global-coord", "colour", _GPU_GLOBAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000),
+        "exp1": Recipe("exp1", "exp1", "global-coord", "location", _GPU_GLOBAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000, prediction_type="v_prediction"),
+        "exp2": Recipe("exp2", "exp2", "global-coord", "location", _GPU_GLOBAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000, prediction_type="v_prediction"),
+        "exp3": Recipe("exp3", "exp3", "local", "located", _GPU_LOCAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000, prediction_type="v_prediction"),
+        "colour": Recipe("colour", "colour", "global-coord", "colour", _GPU_GLOBAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000, prediction_type="v_prediction"),
     },
 }
 
@@ -140,7 +145,9 @@ def build_pipeline(recipe: Recipe, seed: int = 0):
     if recipe.encoder not in encoders:
         raise ValueError(f"unknown encoder {recipe.encoder!r}; choose one of {sorted(encoders)}")
     encoder = encoders[recipe.encoder](dim=recipe.token_dim)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+    if recipe.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"unknown prediction_type {recipe.prediction_type!r}; use 'epsilon' or 'v_prediction'")
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=recipe.prediction_type)
     return ClevrPipeline(unet=unet, location_encoder=encoder, scheduler=scheduler)
 
 
@@ -151,13 +158,31 @@ class _Trainable(nn.Module):
         super().__init__()
         self.unet, self.encoder = unet, encoder
 
-    def forward(self, x_t: Tensor, t: Tensor, locations: Tensor, mask: Tensor, colours: Tensor, noise: Tensor) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor, locations: Tensor, mask: Tensor, colours: Tensor, target: Tensor) -> Tensor:
         if "colour" in type(self.encoder).__name__.lower():
             tokens, tmask = self.encoder(locations, mask, colours)
         else:
             tokens, tmask = self.encoder(locations, mask)
         pred = self.unet(x_t, t, tokens, encoder_attention_mask=tmask, return_dict=False)[0]
-        return torch.nn.functional.mse_loss(pred, noise)
+        return torch.nn.functional.mse_loss(pred, target)
+
+
+def training_target(prediction_type: str, x0: Tensor, noise: Tensor, alpha_bar: Tensor) -> Tensor:
+    """What the network learns to output for ``x_t = √ᾱ·x0 + √(1−ᾱ)·noise``: ε, or v = √ᾱ·ε − √(1−ᾱ)·x0.
+
+    Shapes: ``x0``, ``noise`` ``(B, C, H, W)``; ``alpha_bar`` broadcastable to them (``(B, 1, 1, 1)``).
+    """
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; use 'epsilon' or 'v_prediction'")
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A recipe dict read from an older checkpoint, with fields added since filled by their defaults."""
+    defaults = {k: f.default for k, f in Recipe.__dataclass_fields__.items() if f.default is not MISSING}
+    return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
 
 
 def _step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -294,7 +319,7 @@ def train(
         state = json.loads((ckpt / "state.json").read_text())
         # ``steps`` is not part of a run's identity: the learning rate is constant after warm-up, so a run
         # extended to more steps continues exactly the trajectory a longer run would have taken.
-        saved = {k: v for k, v in state["recipe"].items() if k != "steps"}
+        saved = {k: v for k, v in _with_defaults(state["recipe"]).items() if k != "steps"}
         wanted = {k: v for k, v in json.loads(json.dumps(asdict(recipe))).items() if k != "steps"}
         if saved != wanted or state["seed"] != seed:
             diff = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
@@ -336,9 +361,10 @@ def train(
             mask = batch["mask"].to(accel.device) & ~drop[:, None]
             ab = alphas[t].view(B, 1, 1, 1)
             x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+            target = training_target(recipe.prediction_type, x0, noise, ab)
             for g in raw_opt.param_groups:
                 g["lr"] = lr_at(recipe, step)
-            loss = model(x_t, t, batch["locations"].to(accel.device), mask, batch["colours"].to(accel.device), noise)
+            loss = model(x_t, t, batch["locations"].to(accel.device), mask, batch["colours"].to(accel.device), target)
             opt.zero_grad(set_to_none=True)
             accel.backward(loss)
             if recipe.grad_clip:
@@ -400,7 +426,7 @@ def pipeline_from_checkpoint(run_dir: str | Path, *, ema: bool = True):
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir} (expected latest.json and ckpt-*/)")
     state = json.loads((ckpt / "state.json").read_text())
-    rec = state["recipe"]
+    rec = _with_defaults(state["recipe"])
     rec["unet"] = {k: tuple(v) if isinstance(v, list) else v for k, v in rec["unet"].items()}
     recipe = Recipe(**rec)
     weights = load_file(str(ckpt / ("ema.safetensors" if ema else "model.safetensors")))

@@ -86,3 +86,40 @@ def test_extending_a_finished_run_equals_one_longer_run(tmp_path):
     for part in ("model", "ema"):
         assert a[part].keys() == b[part].keys()
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_training_target_is_what_the_denoiser_decodes(prediction_type):
+    """The loop's regression target, read back through the exported scheduler's ``prediction_type``, gives x0 and ε."""
+    from interp.clevr.train import build_pipeline, training_target
+
+    rec = get_recipe("exp3", prediction_type=prediction_type)
+    pipe = build_pipeline(rec)
+    den = pipe.denoiser()
+    assert den.prediction_type == prediction_type
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(3, 3, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([5, 500, 999])
+    ab = den.alpha_bar(t).view(3, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    target = training_target(prediction_type, x0, noise, ab)
+    torch.testing.assert_close(den.to_x0(target, x_t, t), x0, rtol=0, atol=1e-9 if prediction_type != "epsilon" else 1e-4)
+    torch.testing.assert_close(den.to_epsilon(target, x_t, t), noise, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="prediction_type"):
+        training_target("x0", x0, noise, ab)
+    with pytest.raises(ValueError, match="prediction_type"):
+        build_pipeline(get_recipe("exp3", prediction_type="sample"))
+
+
+def test_checkpoints_from_before_a_recipe_field_existed_still_resume(tmp_path):
+    """A ``state.json`` written before ``prediction_type`` existed is read with the field's default (ε)."""
+    rec = get_recipe("exp3", steps=2, batch_size=2, checkpoint_every=2, prediction_type="epsilon")
+    train(rec, tmp_path / "old", progress=False)
+    state_path = latest_checkpoint(tmp_path / "old") / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["recipe"]["prediction_type"]
+    state_path.write_text(json.dumps(state))
+    assert train(get_recipe("exp3", steps=3, batch_size=2, checkpoint_every=2, prediction_type="epsilon"), tmp_path / "old", progress=False).step == 3
+    with pytest.raises(ValueError, match="prediction_type"):
+        train(get_recipe("exp3", steps=4, batch_size=2, checkpoint_every=2, prediction_type="v_prediction"), tmp_path / "old", progress=False)
