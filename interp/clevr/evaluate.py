@@ -4,7 +4,7 @@ For each requested count ``k``: draw ``n`` sets of ``k`` valid random locations 
 rule: border margin and minimum separation; seeded by ``(seed, k)``), sample one image per set with the
 model (DDIM, seeded), detect objects (:mod:`interp.clevr.detect`) and score them
 (:mod:`interp.clevr.metrics`): count accuracy P(detected = k), recall and precision of locations (Hungarian
-matching within a radius), mean detected count and the count-error histogram.
+matching within a radius), mean detected count, unrequested objects per image and the count-error histogram.
 
 The same sets of locations are used for every model evaluated with the same seed, so tables of different
 models are paired comparisons. Colour-conditioned models get a random colour per location (also seeded), and
@@ -222,11 +222,11 @@ def write_outputs(result: dict[str, Any], json_path: str | Path, *, figure_path:
 def format_table(result: dict[str, Any]) -> str:
     """Markdown table of the per-k metrics."""
     colour = any("colour_acc" in r for r in result["per_k"])
-    head = "| k | n | count_acc | recall | precision | mean_count |" + (" colour_acc |" if colour else "")
+    head = "| k | n | count_acc | recall | precision | mean_count | mean_extra |" + (" colour_acc |" if colour else "")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in result["per_k"]:
         f = lambda v: "n/a" if v != v else f"{v:.3f}"  # noqa: E731 - NaN-aware formatting
-        row = f"| {r['k']} | {r['n']} | {f(r['count_acc'])} | {f(r['recall'])} | {f(r['precision'])} | {r['mean_count']:.2f} |"
+        row = f"| {r['k']} | {r['n']} | {f(r['count_acc'])} | {f(r['recall'])} | {f(r['precision'])} | {r['mean_count']:.2f} | {r.get('mean_extra', float('nan')):.2f} |"
         lines.append(row + (f" {f(r.get('colour_acc', float('nan')))} |" if colour else ""))
     return "\n".join(lines)
 

@@ -48,7 +48,8 @@ class CountStats:
 
     Attributes:
         k: requested count. n: images. count_acc: P(detected = k). recall / precision: pooled (see module).
-        mean_count: mean detected count. error_hist: ``{detected − k: images}``.
+        mean_count: mean detected count. mean_extra: detections matched to no request, per image (objects
+        nobody asked for). error_hist: ``{detected − k: images}``.
     """
 
     k: int
@@ -57,6 +58,7 @@ class CountStats:
     recall: float
     precision: float
     mean_count: float
+    mean_extra: float
     error_hist: dict[int, int]
 
     def as_dict(self) -> dict:
@@ -67,6 +69,7 @@ class CountStats:
             "recall": self.recall,
             "precision": self.precision,
             "mean_count": self.mean_count,
+            "mean_extra": self.mean_extra,
             "error_hist": {str(e): c for e, c in sorted(self.error_hist.items())},
         }
 
@@ -90,6 +93,7 @@ def count_stats(k: int, requested: Sequence[np.ndarray], detected: Sequence[np.n
         recall=float(matched / n_req) if n_req else float("nan"),
         precision=float(matched / n_det) if n_det else float("nan"),
         mean_count=float(counts.mean()),
+        mean_extra=float((n_det - matched) / n),
         error_hist={int(e): int(c) for e, c in zip(errors, freq)},
     )
 

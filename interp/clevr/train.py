@@ -78,7 +78,7 @@ class Recipe:
 
 
 _CPU_GLOBAL = dict(preset="tiny", attention_head_dim=2)
-_GPU_GLOBAL = dict(preset="base")
+_GPU_GLOBAL = dict(preset="small")
 _CPU_LOCAL = dict(block_out_channels=(32, 64), attention_head_dim=16, attention_radius=0.12)
 _GPU_LOCAL = dict(block_out_channels=(64, 128), attention_head_dim=16, attention_radius=0.12)
 
@@ -93,11 +93,14 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         "exp3": Recipe("exp3", "exp3", "local", "located", _CPU_LOCAL, token_dim=64, steps=6000, ema_decay=0.998, prediction_type="v_prediction"),
         "colour": Recipe("colour", "colour", "global-coord", "colour", _CPU_GLOBAL, token_dim=32, steps=5000, ema_decay=0.998, prediction_type="v_prediction"),
     },
+    # One H100-class GPU: the 64×64 renderer preset and the 1.7M-parameter "small" U-Net (fp16 fits the 10 MB
+    # shipping limit; "base", 10M parameters, would not). Never run yet (no GPU was lent to the sessions that
+    # wrote them); a one-step smoke test of each (tests/clevr/test_train.py) keeps them buildable.
     "gpu": {
-        "exp1": Recipe("exp1", "exp1", "global-coord", "location", _GPU_GLOBAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000, prediction_type="v_prediction"),
-        "exp2": Recipe("exp2", "exp2", "global-coord", "location", _GPU_GLOBAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000, prediction_type="v_prediction"),
-        "exp3": Recipe("exp3", "exp3", "local", "located", _GPU_LOCAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000, prediction_type="v_prediction"),
-        "colour": Recipe("colour", "colour", "global-coord", "colour", _GPU_GLOBAL, token_dim=128, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000, prediction_type="v_prediction"),
+        "exp1": Recipe("exp1", "exp1", "global-coord", "location", _GPU_GLOBAL, token_dim=128, size=64, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000, prediction_type="v_prediction"),
+        "exp2": Recipe("exp2", "exp2", "global-coord", "location", _GPU_GLOBAL, token_dim=128, size=64, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000, prediction_type="v_prediction"),
+        "exp3": Recipe("exp3", "exp3", "local", "located", _GPU_LOCAL, token_dim=128, size=64, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000, prediction_type="v_prediction"),
+        "colour": Recipe("colour", "colour", "global-coord", "colour", _GPU_GLOBAL, token_dim=128, size=64, batch_size=128, steps=50_000, lr=3e-4, ema_decay=0.9995, checkpoint_every=1000, prediction_type="v_prediction"),
     },
 }
 

@@ -53,6 +53,6 @@ def test_count_stats_pools_over_images():
     det = [np.array([[0.2, 0.21], [0.61, 0.6]]), np.array([[0.3, 0.7], [0.7, 0.3], [0.5, 0.5]])]
     s = count_stats(2, req, det)
     assert s.count_acc == 0.5 and s.recall == 1.0 and s.precision == pytest.approx(4 / 5)
-    assert s.mean_count == 2.5 and s.error_hist == {0: 1, 1: 1}
+    assert s.mean_count == 2.5 and s.mean_extra == 0.5 and s.error_hist == {0: 1, 1: 1}
     empty = count_stats(0, [np.zeros((0, 2))], [np.zeros((0, 2))])
     assert empty.count_acc == 1.0 and np.isnan(empty.recall) and np.isnan(empty.precision)

@@ -123,3 +123,14 @@ def test_checkpoints_from_before_a_recipe_field_existed_still_resume(tmp_path):
     assert train(get_recipe("exp3", steps=3, batch_size=2, checkpoint_every=2, prediction_type="epsilon"), tmp_path / "old", progress=False).step == 3
     with pytest.raises(ValueError, match="prediction_type"):
         train(get_recipe("exp3", steps=4, batch_size=2, checkpoint_every=2, prediction_type="v_prediction"), tmp_path / "old", progress=False)
+
+
+@pytest.mark.parametrize("name", ["exp1", "exp3", "colour"])
+def test_gpu_recipes_build_and_take_a_step(tmp_path, name):
+    """The GPU profile (64×64, base U-Net) on CPU, one tiny step: the recipes that no CI GPU runs stay valid."""
+    rec = get_recipe(name, "gpu", steps=1, batch_size=2)
+    assert rec.size == 64
+    res = train(rec, tmp_path / name, progress=False)
+    assert res.step == 1 and torch.isfinite(torch.tensor(res.losses)).all()
+    pipe = resolve_clevr(str(res.pipeline_dir))
+    assert pipe.unet.config.sample_size == 64
