@@ -21,6 +21,7 @@ object masks are disjoint by construction and up to ``MAX_OBJECTS = 10`` objects
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -127,19 +128,22 @@ def sample_positions(
     if not 0 <= k <= MAX_OBJECTS:
         raise ValueError(f"k={k} objects requested; the renderer supports 0 to {MAX_OBJECTS}")
     lo, hi = margin, 1.0 - margin
+    sep2 = min_separation * min_separation
     for _ in range(max_tries):
         pts = np.empty((k, 2), dtype=np.float64)
         n = 0
         while n < k:
             cand = rng.uniform(lo, hi, size=(64, 2))
             if n:
-                d = np.linalg.norm(cand[:, None, :] - pts[None, :n, :], axis=-1).min(1)
-                ok = np.nonzero(d >= min_separation)[0]
+                # the first of 64 candidates far enough from every placed centre (squared distances: no sqrt)
+                diff = cand[:, None, :] - pts[None, :n, :]
+                ok = (diff * diff).sum(-1).min(1) >= sep2
+                first = int(ok.argmax())
+                if not ok[first]:
+                    break
+                pts[n] = cand[first]
             else:
-                ok = np.arange(64)
-            if ok.size == 0:
-                break
-            pts[n] = cand[ok[0]]
+                pts[n] = cand[0]
             n += 1
         if n == k:
             return pts.astype(np.float32)
@@ -226,11 +230,15 @@ def _smooth(sdf_px: np.ndarray, width: float = 1.0) -> np.ndarray:
     return np.clip(0.5 - sdf_px / width, 0.0, 1.0)
 
 
-def _draw(scene: Scene, px: np.ndarray, py: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _draw(
+    scene: Scene, px: np.ndarray, py: np.ndarray, size: int, only_shape: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-object coverage ``(B, K, h, w)``, shaded colour ``(B, K, 3, h, w)`` and shadow ``(B, K, h, w)``.
 
     ``px`` / ``py`` are normalised pixel-centre coordinates broadcastable to ``(B, K, 1, w)`` / ``(B, K, h, 1)``:
-    the whole image (dense reference) or a window around each object (the fast path).
+    the whole image (dense reference) or a window around each object (the fast path). ``only_shape``: every
+    object is of this shape index (the fast path groups objects by shape), so only its geometry is evaluated;
+    the values are the same, element for element, as when all shapes are evaluated and one is selected.
     """
     cx = scene.positions[..., 0][..., None, None]  # (B,K,1,1)
     cy = scene.positions[..., 1][..., None, None]
@@ -239,34 +247,48 @@ def _draw(scene: Scene, px: np.ndarray, py: np.ndarray, size: int) -> tuple[np.n
     scale = float(size)  # normalised → pixels
     shape = scene.shapes[..., None, None]
     valid = scene.valid[..., None, None]
+    wanted = (lambda i: True) if only_shape is None else (lambda i: i == only_shape)  # noqa: E731
+
+    def pick(values: dict[int, np.ndarray]) -> np.ndarray:
+        if only_shape is not None:
+            return values[only_shape]
+        return np.where(shape == 0, values[0], np.where(shape == 1, values[1], values[2]))
 
     # --- signed distances (normalised units), one per shape, selected per object
     rho = np.sqrt(du * du + dv * dv)
-    sd_sphere = rho - radius
     ang = scene.angles[..., None, None]
     ca, sa = np.cos(ang), np.sin(ang)
     ru, rv = ca * du + sa * dv, -sa * du + ca * dv
-    half = radius * 0.82
-    sd_cube = np.maximum(np.abs(ru), np.abs(rv)) - half
-    body = np.maximum(np.abs(du) - radius * 0.85, np.abs(dv) - radius * 0.55)
-    ell = (np.sqrt((du / (radius * 0.85)) ** 2 + ((np.abs(dv) - radius * 0.55) / (radius * 0.35)) ** 2) - 1) * radius * 0.35
-    sd_cyl = np.minimum(body, ell)
-    sd = np.where(shape == 0, sd_sphere, np.where(shape == 1, sd_cube, sd_cyl))
-    cover = _smooth(sd * scale) * valid
+    sds: dict[int, np.ndarray] = {}
+    if wanted(0):
+        sds[0] = rho - radius
+    if wanted(1):
+        sds[1] = np.maximum(np.abs(ru), np.abs(rv)) - radius * 0.82
+    if wanted(2):
+        body = np.maximum(np.abs(du) - radius * 0.85, np.abs(dv) - radius * 0.55)
+        ell = (np.sqrt((du / (radius * 0.85)) ** 2 + ((np.abs(dv) - radius * 0.55) / (radius * 0.35)) ** 2) - 1) * radius * 0.35
+        sds[2] = np.minimum(body, ell)
+    cover = _smooth(pick(sds) * scale) * valid
 
     # --- shading (a multiplicative factor on the base colour, plus a white highlight)
-    nz = np.sqrt(np.clip(1 - (rho / radius) ** 2, 0, 1))
-    n_dot_l = (du / radius) * _LIGHT[0] + (dv / radius) * _LIGHT[1] + nz * _LIGHT[2]
-    n_dot_h = (du / radius) * _HALF[0] + (dv / radius) * _HALF[1] + nz * _HALF[2]
-    sh_sphere = 0.30 + 0.85 * np.clip(n_dot_l, 0, 1)
-    spec_sphere = 0.45 * np.clip(n_dot_h, 0, 1) ** 24
-    top = (rv < -0.15 * radius).astype(np.float32)
-    sh_cube = 0.62 + 0.40 * top + 0.10 * ca - 0.12 * (ru / radius)
-    cyl_top = (dv < -0.55 * radius).astype(np.float32)
-    side = np.clip(du / (radius * 0.85), -1, 1)
-    sh_cyl = np.where(cyl_top > 0, 1.05, 0.45 + 0.55 * np.sqrt(np.clip(1 - side**2, 0, 1)) - 0.15 * side)
-    shade = np.where(shape == 0, sh_sphere, np.where(shape == 1, sh_cube, sh_cyl)).astype(np.float32)
-    spec = np.where(shape == 0, spec_sphere, 0.0).astype(np.float32)
+    shades: dict[int, np.ndarray] = {}
+    zero = np.zeros((), np.float32)
+    specs: dict[int, np.ndarray] = {1: zero, 2: zero}
+    if wanted(0):
+        nz = np.sqrt(np.clip(1 - (rho / radius) ** 2, 0, 1))
+        n_dot_l = (du / radius) * _LIGHT[0] + (dv / radius) * _LIGHT[1] + nz * _LIGHT[2]
+        n_dot_h = (du / radius) * _HALF[0] + (dv / radius) * _HALF[1] + nz * _HALF[2]
+        shades[0] = 0.30 + 0.85 * np.clip(n_dot_l, 0, 1)
+        specs[0] = 0.45 * np.clip(n_dot_h, 0, 1) ** 24
+    if wanted(1):
+        top = (rv < -0.15 * radius).astype(np.float32)
+        shades[1] = 0.62 + 0.40 * top + 0.10 * ca - 0.12 * (ru / radius)
+    if wanted(2):
+        cyl_top = (dv < -0.55 * radius).astype(np.float32)
+        side = np.clip(du / (radius * 0.85), -1, 1)
+        shades[2] = np.where(cyl_top > 0, 1.05, 0.45 + 0.55 * np.sqrt(np.clip(1 - side**2, 0, 1)) - 0.15 * side)
+    shade = pick(shades).astype(np.float32)
+    spec = np.broadcast_to(pick(specs), shade.shape).astype(np.float32)
     base = _PALETTE[scene.colours]  # (B,K,3)
     obj_rgb = np.clip(base[..., None, None] * shade[:, :, None] + spec[:, :, None], 0, 1)  # (B,K,3,h,w)
 
@@ -331,23 +353,37 @@ def render(scene: Scene, size: int = 32) -> Rendered:
     offs = np.arange(-h, h + 1)
     px = ((centre[:, 0, None] + offs + 0.5) / size).astype(np.float32)[:, None, None, :]
     py = ((centre[:, 1, None] + offs + 0.5) / size).astype(np.float32)[:, None, :, None]
-    cover, rgb, shadow = _draw(flat, px, py, size)  # (N,1,P,P), (N,1,3,P,P), (N,1,P,P)
+    cover = np.empty((len(bs), 1, P, P), np.float32)
+    rgb = np.empty((len(bs), 1, 3, P, P), np.float32)
+    shadow = np.empty((len(bs), 1, P, P), np.float32)
+    for sid in range(len(SHAPES)):  # evaluate each object's own geometry only
+        idx = np.nonzero(flat.shapes[:, 0] == sid)[0]
+        if idx.size:
+            part = Scene(**{f.name: getattr(flat, f.name)[idx] for f in dataclasses.fields(flat)})
+            cover[idx], rgb[idx], shadow[idx] = _draw(part, px[idx], py[idx], size, only_shape=sid)
     paint = cover[:, 0, None] * rgb[:, 0]  # (N,3,P,P)
-    cover_c = np.zeros((B, S, S), np.float32)
-    rgb_c = np.zeros((B, 3, S, S), np.float32)
-    shadow_c = np.zeros((B, S, S), np.float32)
-    coverage = np.zeros((B, K, S, S), np.float32)
-    # windows are added in object order, so sums match the dense reference's order over K
-    for n, (b, k) in enumerate(zip(bs.tolist(), ks.tolist())):
-        c0, r0 = int(centre[n, 0]), int(centre[n, 1])  # window starts at centre - h, i.e. padded index centre
-        win = (slice(r0, r0 + P), slice(c0, c0 + P))
-        cover_c[b][win] += cover[n, 0]
-        rgb_c[b][:, win[0], win[1]] += paint[n]
-        np.maximum(shadow_c[b][win], shadow[n, 0], out=shadow_c[b][win])
-        coverage[b, k][win] = cover[n, 0]
+    # Scatter every window into padded canvases at once. A window starts at padded index ``centre`` (its
+    # centre minus h, plus the pad h). ``ufunc.at`` is unbuffered and applies the updates in index order, i.e.
+    # object by object in slot order, so overlapping sums round exactly as the dense reference's sum over K.
+    rows = centre[:, 1, None, None] + offs[None, :, None] + h  # (N,P,1) padded row of each window pixel
+    cols = centre[:, 0, None, None] + offs[None, None, :] + h  # (N,1,P)
+    flat_px = (bs[:, None, None] * S + rows) * S + cols  # (N,P,P) index into a (B,S,S) canvas
+    cover_c = np.zeros(B * S * S, np.float32)
+    np.add.at(cover_c, flat_px.ravel(), cover[:, 0].ravel())
+    shadow_c = np.zeros(B * S * S, np.float32)
+    np.maximum.at(shadow_c, flat_px.ravel(), shadow[:, 0].ravel())
+    rgb_c = np.zeros((3, B * S * S), np.float32)
+    for ch in range(3):
+        np.add.at(rgb_c[ch], flat_px.ravel(), paint[:, ch].ravel())
+    rgb_c = rgb_c.reshape(3, B, S, S).transpose(1, 0, 2, 3)
+    cover_c, shadow_c = cover_c.reshape(B, S, S), shadow_c.reshape(B, S, S)
     crop = (slice(None), slice(h, h + size), slice(h, h + size))
     images = _composite(bg, cover_c[crop], rgb_c[:, :, h : h + size, h : h + size], shadow_c[crop])
-    coverage = np.ascontiguousarray(coverage[:, :, h : h + size, h : h + size])
+    # per-object coverage: each object's window, cropped to the image, in its own (b, k) plane
+    coverage = np.zeros((B * K, size + 2 * h, size + 2 * h), np.float32)
+    slot = bs * K + ks
+    coverage[slot[:, None, None], rows, cols] = cover[:, 0]
+    coverage = np.ascontiguousarray(coverage.reshape(B, K, S, S)[:, :, h : h + size, h : h + size])
     return Rendered(images, coverage >= 0.5, coverage, scene)
 
 
