@@ -3,6 +3,7 @@
     scorescope clevr train --recipe exp1 --out runs/exp1            # CPU profile, resumable
     accelerate launch -m interp.clevr.cli train --recipe exp1 --profile gpu --out runs/exp1-gpu
     scorescope clevr eval --model exp1 --counts 0-10 --n 64 --seed 0 --json out.json
+    scorescope clevr compare exp1.json exp2.json exp3.json --metric recall --out recall.png
     scorescope clevr render --out scenes.png --counts 0-10           # look at the training distribution
 
 ``--model`` accepts a shipped name (exp1, exp2, exp3, colour), ``tiny-clevr``, a pipeline folder or a
@@ -71,6 +72,32 @@ def eval_(
     paths = write_outputs(result, json_out, figure_path=figure, grid_path=grid)
     typer.echo(format_table(result))
     typer.echo(f"wrote {paths['json']}, {paths['figure']}, {paths['grid']}")
+
+
+@app.command()
+def compare(
+    results: list[Path] = typer.Argument(..., help="JSON files written by `scorescope clevr eval`."),
+    metric: str = typer.Option("count_acc", help="count_acc | recall | precision | mean_count | mean_extra | colour_acc."),
+    out: Path = typer.Option(Path("clevr_compare.png"), help="Where to write the figure."),
+) -> None:
+    """Plot one metric against k for several evaluated models (one line each, training range shaded)."""
+    import json
+
+    from interp.clevr.evaluate import compare_figure
+
+    loaded = {}
+    for path in results:
+        if not path.exists():
+            raise typer.BadParameter(f"{path} does not exist; write it with `scorescope clevr eval --json {path}`")
+        data = json.loads(path.read_text())
+        if "per_k" not in data:
+            raise typer.BadParameter(f"{path} has no 'per_k' table; is it a `scorescope clevr eval` output?")
+        loaded[data.get("meta", {}).get("model", path.stem)] = data
+    try:
+        compare_figure(loaded, out, metric=metric)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    typer.echo(f"wrote {out}")
 
 
 @app.command()

@@ -32,6 +32,9 @@ from interp.clevr.render import COLOUR_NAMES, MAX_OBJECTS, sample_positions
 #: The training range of the Exp1–3 recipes (shaded in the figure).
 TRAIN_RANGE: tuple[int, int] = (1, 3)
 
+#: Per-k metrics that are fractions in [0, 1] (the others are counts).
+FRACTIONS: tuple[str, ...] = ("count_acc", "recall", "precision", "colour_acc")
+
 
 def parse_counts(spec: str | Sequence[int]) -> list[int]:
     """``"0-10"``, ``"1,2,6"`` or a list → sorted unique counts, each checked against :data:`MAX_OBJECTS`."""
@@ -245,8 +248,11 @@ def compare_figure(results: dict[str, dict[str, Any]], path: str | Path, metric:
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     lo, hi = TRAIN_RANGE
     ax.axvspan(lo - 0.5, hi + 0.5, color="0.85", zorder=0, label="training range")
+    if metric not in df:
+        raise ValueError(f"metric {metric!r} is not in the results; they hold {sorted(set(df.columns) - {'model', 'error_hist'})}")
     sns.lineplot(data=df, x="k", y=metric, hue="model", marker="o", ax=ax)
-    ax.set_ylim(-0.03, 1.03)
+    if metric in FRACTIONS:
+        ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("requested objects k")
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_xticks(sorted(df["k"].unique().tolist()))

@@ -61,3 +61,23 @@ def test_bad_requests_raise_clear_errors():
     assert res.exit_code != 0 and "unknown CLEVR model" in res.output
     res = CliRunner().invoke(app, ["eval", "--model", "tiny-clevr", "--counts", "12"])
     assert res.exit_code != 0 and "maximum" in res.output
+
+
+def test_cli_compare_plots_several_results_and_rejects_bad_input(tmp_path):
+    from interp.cli import app
+
+    pipe = clevr_pipeline("tiny", seed=0)
+    paths = []
+    for name, seed in (("a", 0), ("b", 1)):
+        res = evaluate_length(pipe, [1, 2], n=2, steps=2, seed=seed, model_name=name)
+        res.pop("_images")
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(res))
+    out = tmp_path / "cmp.png"
+    res = CliRunner().invoke(app, ["clevr", "compare", *map(str, paths), "--metric", "mean_extra", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    res = CliRunner().invoke(app, ["clevr", "compare", str(paths[0]), "--metric", "accuracy"])
+    assert res.exit_code != 0 and "mean_extra" in res.output  # names the metrics that exist
+    res = CliRunner().invoke(app, ["clevr", "compare", str(tmp_path / "missing.json")])
+    assert res.exit_code != 0 and "clevr eval" in res.output
