@@ -90,7 +90,7 @@ RECIPES: dict[str, dict[str, Recipe]] = {
     "cpu": {
         "exp1": Recipe("exp1", "exp1", "global-coord", "location", _CPU_GLOBAL, token_dim=32, steps=5000, ema_decay=0.998, prediction_type="v_prediction"),
         "exp2": Recipe("exp2", "exp2", "global-coord", "location", _CPU_GLOBAL, token_dim=32, steps=5000, ema_decay=0.998, prediction_type="v_prediction"),
-        "exp3": Recipe("exp3", "exp3", "local", "located", _CPU_LOCAL, token_dim=64, steps=6000, ema_decay=0.998, prediction_type="v_prediction"),
+        "exp3": Recipe("exp3", "exp3", "local", "located", _CPU_LOCAL, token_dim=64, steps=4000, ema_decay=0.998, prediction_type="v_prediction"),
         "colour": Recipe("colour", "colour", "global-coord", "colour", _CPU_GLOBAL, token_dim=32, steps=5000, ema_decay=0.998, prediction_type="v_prediction"),
     },
     # One H100-class GPU: the 64×64 renderer preset and the 1.7M-parameter "small" U-Net (fp16 fits the 10 MB
