@@ -1,7 +1,7 @@
 """Training the CLEVR models: an accelerate loop with EMA, CSV loss log and exactly resumable checkpoints.
 
-The loop is ordinary ε-prediction DDPM training (diffusers ``DDPMScheduler``, cosine ``squaredcos_cap_v2``
-schedule) of a U-Net plus its token encoder. What needs care is **resuming bit-identically**: a run killed at
+The loop is ordinary DDPM training (diffusers ``DDPMScheduler``, cosine ``squaredcos_cap_v2`` schedule; ε or
+v targets, :func:`training_target`) of a U-Net plus its token encoder. What needs care is **resuming bit-identically**: a run killed at
 any point and restarted must end with the same weights as an uninterrupted run with the same seed. Every
 source of randomness is therefore a pure function of ``(seed, step)``:
 
