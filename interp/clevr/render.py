@@ -247,7 +247,7 @@ def _draw(
     scale = float(size)  # normalised → pixels
     shape = scene.shapes[..., None, None]
     valid = scene.valid[..., None, None]
-    wanted = (lambda i: True) if only_shape is None else (lambda i: i == only_shape)  # noqa: E731
+    needed = range(len(SHAPES)) if only_shape is None else (only_shape,)
 
     def pick(values: dict[int, np.ndarray]) -> np.ndarray:
         if only_shape is not None:
@@ -260,11 +260,11 @@ def _draw(
     ca, sa = np.cos(ang), np.sin(ang)
     ru, rv = ca * du + sa * dv, -sa * du + ca * dv
     sds: dict[int, np.ndarray] = {}
-    if wanted(0):
+    if 0 in needed:
         sds[0] = rho - radius
-    if wanted(1):
+    if 1 in needed:
         sds[1] = np.maximum(np.abs(ru), np.abs(rv)) - radius * 0.82
-    if wanted(2):
+    if 2 in needed:
         body = np.maximum(np.abs(du) - radius * 0.85, np.abs(dv) - radius * 0.55)
         ell = (np.sqrt((du / (radius * 0.85)) ** 2 + ((np.abs(dv) - radius * 0.55) / (radius * 0.35)) ** 2) - 1) * radius * 0.35
         sds[2] = np.minimum(body, ell)
@@ -274,16 +274,16 @@ def _draw(
     shades: dict[int, np.ndarray] = {}
     zero = np.zeros((), np.float32)
     specs: dict[int, np.ndarray] = {1: zero, 2: zero}
-    if wanted(0):
+    if 0 in needed:
         nz = np.sqrt(np.clip(1 - (rho / radius) ** 2, 0, 1))
         n_dot_l = (du / radius) * _LIGHT[0] + (dv / radius) * _LIGHT[1] + nz * _LIGHT[2]
         n_dot_h = (du / radius) * _HALF[0] + (dv / radius) * _HALF[1] + nz * _HALF[2]
         shades[0] = 0.30 + 0.85 * np.clip(n_dot_l, 0, 1)
         specs[0] = 0.45 * np.clip(n_dot_h, 0, 1) ** 24
-    if wanted(1):
+    if 1 in needed:
         top = (rv < -0.15 * radius).astype(np.float32)
         shades[1] = 0.62 + 0.40 * top + 0.10 * ca - 0.12 * (ru / radius)
-    if wanted(2):
+    if 2 in needed:
         cyl_top = (dv < -0.55 * radius).astype(np.float32)
         side = np.clip(du / (radius * 0.85), -1, 1)
         shades[2] = np.where(cyl_top > 0, 1.05, 0.45 + 0.55 * np.sqrt(np.clip(1 - side**2, 0, 1)) - 0.15 * side)
