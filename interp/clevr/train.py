@@ -88,8 +88,8 @@ RECIPES: dict[str, dict[str, Recipe]] = {
     # width 2–4 took half of each training step (step 0.79 s → 0.50 s, measured). The learning rate is
     # constant after warm-up, so a run of N steps equals a longer run stopped at N (tested).
     "cpu": {
-        "exp1": Recipe("exp1", "exp1", "global-coord", "location", _CPU_GLOBAL, token_dim=32, steps=4000, ema_decay=0.998, prediction_type="v_prediction"),
-        "exp2": Recipe("exp2", "exp2", "global-coord", "location", _CPU_GLOBAL, token_dim=32, steps=4000, ema_decay=0.998, prediction_type="v_prediction"),
+        "exp1": Recipe("exp1", "exp1", "global-coord", "location", _CPU_GLOBAL, token_dim=32, steps=6000, ema_decay=0.998, prediction_type="v_prediction"),
+        "exp2": Recipe("exp2", "exp2", "global-coord", "location", _CPU_GLOBAL, token_dim=32, steps=6000, ema_decay=0.998, prediction_type="v_prediction"),
         "exp3": Recipe("exp3", "exp3", "local", "located", _CPU_LOCAL, token_dim=64, steps=4000, ema_decay=0.998, prediction_type="v_prediction"),
         "colour": Recipe("colour", "colour", "global-coord", "colour", _CPU_GLOBAL, token_dim=32, steps=4000, ema_decay=0.998, prediction_type="v_prediction"),
     },
