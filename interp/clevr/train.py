@@ -83,10 +83,11 @@ _CPU_LOCAL = dict(block_out_channels=(32, 64), attention_head_dim=16, attention_
 _GPU_LOCAL = dict(block_out_channels=(64, 128), attention_head_dim=16, attention_radius=0.12)
 
 RECIPES: dict[str, dict[str, Recipe]] = {
-    # Sized for the shared 2-core CPU: two runs side by side, one thread each, about 45 minutes a pair. The
-    # global U-Net uses 2 attention heads (head width 8–16) instead of the preset's 8: on CPU, SDPA with head
-    # width 2–4 took half of each training step (step 0.79 s → 0.50 s, measured). The learning rate is
-    # constant after warm-up, so a run of N steps equals a longer run stopped at N (tested).
+    # Sized for the 2-core CPU, one thread per run: 0.50 s/step for the global U-Net and 0.35 s/step for the
+    # local one on an idle core, so exp1/exp2 take about 50 min and exp3/colour 23/33 min (measured;
+    # docs/BENCHMARKS.md). The global U-Net uses 2 attention heads (head width 8–16) instead of the preset's
+    # 8: on CPU, SDPA with head width 2–4 took half of each training step (0.84 s → 0.50 s). The learning
+    # rate is constant after warm-up, so a run of N steps equals a longer run stopped at N (tested).
     "cpu": {
         "exp1": Recipe("exp1", "exp1", "global-coord", "location", _CPU_GLOBAL, token_dim=32, steps=6000, ema_decay=0.998, prediction_type="v_prediction"),
         "exp2": Recipe("exp2", "exp2", "global-coord", "location", _CPU_GLOBAL, token_dim=32, steps=6000, ema_decay=0.998, prediction_type="v_prediction"),
