@@ -3,10 +3,11 @@
 The length-generalisation metrics ask *where* objects appeared; a colour-conditioned model must also draw
 each one in the colour it was asked for. Method *(ours)*: take the pixels within ``radius`` of the object's
 centre, their per-channel median RGB (robust to the sphere's white highlight and to the antialiased rim),
-and name the palette colour whose **chromaticity** ``rgb / (r + g + b)`` is nearest. Chromaticity is
-invariant to the multiplicative shading the renderer applies (0.3–1.15 × the base colour), so a shadowed
-red and a lit red read the same, while CLEVR's eight colours stay far apart in it (closest pair: brown and
-yellow, 0.14). Validated on rendered scenes, clean and degraded (``tests/clevr/test_attributes.py``).
+and its **chromaticity** ``rgb / (r + g + b)``, which is invariant to the multiplicative shading the renderer
+applies (0.3–1.15 × the base colour), so a shadowed red and a lit red read the same. An unsaturated read is
+gray; otherwise the palette colour whose chromaticity points the same way from gray wins (closest pair of
+CLEVR's colours: brown and yellow, 27.6° apart). Radius and gray threshold were set on rendered scenes of
+seed 1000; validated on other seeds, clean and degraded (``tests/clevr/test_attributes.py``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from interp.clevr.render import _PALETTE
 #: Pixels within this distance of a centre are read (normalised; 1.5 px at 32×32, inside a small object).
 READ_RADIUS: float = 1.5 / 32
 
-#: Saturation ``‖chroma − (⅓, ⅓, ⅓)‖`` below which a read colour is gray (CLEVR's least saturated hue,
-#: yellow-brown mixtures aside, sits above 0.2; blur mixes floor into the rim and lowers saturation).
+#: Saturation ``‖chroma − (⅓, ⅓, ⅓)‖`` below which a read colour is gray (CLEVR's other seven colours have
+#: 0.29–0.46; blur mixes floor into an object's rim and lowers what is read).
 GRAY_BELOW: float = 0.09
 
 _GRAY_CHROMA = np.full(3, 1 / 3, np.float32)

@@ -106,9 +106,10 @@ def evaluate_length(
     """Run the length-generalisation evaluation.
 
     Returns a JSON-ready dict: ``per_k`` (list of ``{"k", "n", "count_acc", "recall", "precision",
-    "mean_count", "error_hist"}``, plus ``"colour_acc"`` for colour-conditioned models: the fraction of
-    matched objects drawn in the requested colour, :func:`~interp.clevr.attributes.read_colours`), ``meta`` (model, seed, steps, radius, ...), and under ``"_images"`` a
-    ``(len(counts), keep_images, 3, H, W)`` tensor of the first samples per k for the grid figure (dropped by
+    "mean_count", "mean_extra", "error_hist"}``, plus ``"colour_acc"`` for colour-conditioned models: the
+    fraction of matched objects drawn in the requested colour, read by
+    :func:`~interp.clevr.attributes.read_colours`), ``meta`` (model, seed, steps, radius, ...), and under
+    ``"_images"`` a ``(len(counts), keep_images, 3, H, W)`` tensor of the first samples per k for the grid figure (dropped by
     :func:`write_outputs` when writing the JSON).
     """
     ks = parse_counts(counts) if isinstance(counts, str) else parse_counts(list(counts))
@@ -155,7 +156,7 @@ def figure(result: dict[str, Any], path: str | Path, title: str | None = None) -
     import seaborn as sns
 
     df = pd.DataFrame(result["per_k"])
-    metrics = [m for m in ("count_acc", "recall", "precision", "colour_acc") if m in df]
+    metrics = [m for m in FRACTIONS if m in df]
     long = df.melt(id_vars="k", value_vars=metrics, var_name="metric", value_name="value")
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     lo, hi = result["meta"].get("train_range", TRAIN_RANGE)
@@ -245,11 +246,11 @@ def compare_figure(results: dict[str, dict[str, Any]], path: str | Path, metric:
 
     rows = [dict(r, model=name) for name, res in results.items() for r in res["per_k"]]
     df = pd.DataFrame(rows)
+    if metric not in df:
+        raise ValueError(f"metric {metric!r} is not in the results; they hold {sorted(set(df.columns) - {'model', 'error_hist'})}")
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     lo, hi = TRAIN_RANGE
     ax.axvspan(lo - 0.5, hi + 0.5, color="0.85", zorder=0, label="training range")
-    if metric not in df:
-        raise ValueError(f"metric {metric!r} is not in the results; they hold {sorted(set(df.columns) - {'model', 'error_hist'})}")
     sns.lineplot(data=df, x="k", y=metric, hue="model", marker="o", ax=ax)
     if metric in FRACTIONS:
         ax.set_ylim(-0.03, 1.03)
