@@ -325,8 +325,8 @@ def render(scene: Scene, size: int = 32) -> Rendered:
     """Draw a batch of scenes at ``size × size``; see :class:`Rendered` for the outputs and their shapes.
 
     Each object is evaluated only in a window around it that holds everything it draws (the coverage and
-    shadow are exactly zero outside), and the windows are added into a padded canvas, one object slot at a
-    time for the whole batch. Equal to the dense reference up to float rounding of the sums.
+    shadow are exactly zero outside), for its own shape only, and all windows are scattered into padded
+    canvases at once. Equal to the dense reference up to float rounding of the sums.
     """
     if size < 8:
         raise ValueError(f"size must be at least 8 pixels, got {size}")
@@ -380,7 +380,7 @@ def render(scene: Scene, size: int = 32) -> Rendered:
     crop = (slice(None), slice(h, h + size), slice(h, h + size))
     images = _composite(bg, cover_c[crop], rgb_c[:, :, h : h + size, h : h + size], shadow_c[crop])
     # per-object coverage: each object's window, cropped to the image, in its own (b, k) plane
-    coverage = np.zeros((B * K, size + 2 * h, size + 2 * h), np.float32)
+    coverage = np.zeros((B * K, S, S), np.float32)
     slot = bs * K + ks
     coverage[slot[:, None, None], rows, cols] = cover[:, 0]
     coverage = np.ascontiguousarray(coverage.reshape(B, K, S, S)[:, :, h : h + size, h : h + size])
