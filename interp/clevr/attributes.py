@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch import Tensor
 
-from interp.clevr.render import _PALETTE
+from interp.clevr.render import COLOUR_NAMES, COLOURS
 
 #: Pixels within this distance of a centre are read (normalised; 1.5 px at 32×32, inside a small object).
 READ_RADIUS: float = 1.5 / 32
@@ -27,6 +27,7 @@ READ_RADIUS: float = 1.5 / 32
 GRAY_BELOW: float = 0.09
 
 _GRAY_CHROMA = np.full(3, 1 / 3, np.float32)
+_PALETTE = np.array([COLOURS[c] for c in COLOUR_NAMES], dtype=np.float32)  # (8, 3), COLOUR_NAMES order
 _DIRECTIONS = _PALETTE / _PALETTE.sum(1, keepdims=True) - _GRAY_CHROMA  # (8, 3); row 0 (gray) is ~0
 _GRAY = int(np.argmin(np.linalg.norm(_DIRECTIONS, axis=1)))
 
