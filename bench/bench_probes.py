@@ -50,9 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from interp.models import clevr_pipeline  # noqa: E402
 from probes import compressed_jacobian, conditional_locality, integrated_gradients_map, pixel_jacobian  # noqa: E402
-from probes.inputs import forward_samples  # noqa: E402
-from probes.jacobian import evaluate  # noqa: E402
-from probes.testing import feature_baseline, toy_conditioning, toy_denoiser  # noqa: E402
+from interp.inputs import forward_samples  # noqa: E402
+from interp.evaluate import evaluate  # noqa: E402
+from interp.models.analytic import feature_baseline, toy_conditioning, toy_denoiser  # noqa: E402
 
 
 def timed(fn):
@@ -197,9 +197,9 @@ def compare_checkpoints(names: list[str], levels: list[float], seeds: int, direc
                          "in_region_ablation": uniform, "n_eff_jvp": 3.0, "cpc_residual": float("nan")}]
     for name in names:
         try:  # a shipped name, a save_pretrained folder, or a training-run folder (latest.json)
-            from interp.clevr.checkpoints import resolve_clevr
+            from interp.models.registry import load_model
 
-            pipe = resolve_clevr(name)
+            pipe = load_model(name).pipeline
         except Exception as err:  # checkpoints not there (yet)
             rows.append({"model": name, "error": f"{type(err).__name__}: {err}"})
             continue

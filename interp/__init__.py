@@ -7,21 +7,22 @@ from interp.conditioning import Conditioning, ConditioningBatch
 from interp.context import UNetCall, current_call, denoising_step, unet_call
 from interp.denoiser import Denoiser
 from interp.hooks import HookSet, count_hooks
-from interp.models.clevr import ClevrPipeline, LocationEncoder
 from interp.sampling import sample
 from interp.site import Site, SiteError, module_paths, resolve_paths
 
 __version__ = "0.1.0"
 
-# Classes diffusers must find as ``getattr(interp, name)`` when ``ClevrPipeline.from_pretrained`` loads a
-# pipeline saved with them (it resolves custom components through the top-level package). Imported lazily
-# so that ``import interp`` stays cheap.
+# Imported on first use, so that ``import interp`` does not load diffusers (seconds). The model classes are
+# also what diffusers finds as ``getattr(interp, name)`` when ``ClevrPipeline.from_pretrained`` loads a
+# pipeline saved with them.
 _LAZY = {
+    "ClevrPipeline": "interp.models.clevr",
+    "LocationEncoder": "interp.models.clevr",
     "ClevrLocalUNet": "interp.models.clevr_local",
     "LocatedLocationEncoder": "interp.models.clevr_local",
-    "ColourLocationEncoder": "interp.clevr.colour",
-    "CoordUNet2DConditionModel": "interp.clevr.coord_unet",
-    "load_clevr": "interp.clevr.checkpoints",
+    "ColourLocationEncoder": "interp.models.clevr_colour",
+    "CoordUNet2DConditionModel": "interp.models.coord_unet",
+    "load_clevr": "interp.models.shipped",
 }
 
 

@@ -34,12 +34,13 @@ toolkit's choices where the paper is silent (SCIENCE.md).
 from probes.baselines import integrated_gradients_map
 from probes.compressed import CompressedJacobian, compressed_jacobian
 from probes.conditional import conditional_locality, conditioner_jvp
-from probes.cpc import composition_masks, cpc_residual
+from interp.masks import composition_masks
+from probes.cpc import cpc_residual
 from probes.features import concept_cosines, feature_dependence, linear_probe_map
-from probes.forward_mode import forward_mode_ready
-from probes.inputs import forward_samples, log_levels
+from interp.forward_mode import forward_mode_ready
+from interp.inputs import forward_samples, log_levels
 from probes.jacobian import aggregate_map, pixel_jacobian, pixel_locality
-from probes.results import ProbeResult, concat_frames
+from interp.results import ProbeResult, concat_frames
 from probes.summaries import (
     effective_conditioners,
     hoyer_sparsity,

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 from interp import Conditioning, ConditioningBatch, Denoiser
-from probes.inputs import PixelSpec, as_levels, as_seeds, check_conditioning, forward_samples, pixel_list
-from probes.jacobian import Output, accumulation_dtype, evaluate
-from probes.results import ProbeResult
+from interp.inputs import PixelSpec, as_levels, as_seeds, check_conditioning, forward_samples, pixel_list
+from interp.evaluate import Output, accumulation_dtype, evaluate
+from interp.results import ProbeResult
 from probes.summaries import region_fractions
 
 

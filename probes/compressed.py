@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 
 from interp import Conditioning, Denoiser
-from probes.forward_mode import forward_mode_ready
-from probes.jacobian import Branch, Output, RowEngine, accumulation_dtype, basis_cotangents, evaluate
+from interp.forward_mode import forward_mode_ready
+from interp.evaluate import Branch, Output, accumulation_dtype, evaluate
+from probes.jacobian import RowEngine, basis_cotangents
 
 
 @dataclass

@@ -7,7 +7,7 @@ Two maps per conditioner ``j`` (SCIENCE.md §3.2), each averaged over forward-pr
   Frobenius norm costs one pass per coordinate of ``c_j`` (``directions="all"``) — or, *(ours)*, an
   unbiased estimate of its square from ``n`` Gaussian directions (``E_v |Jv|² = ‖J‖²_F``). Directions are
   batched along the model's batch axis (``n`` copies of ``x_t``, one tangent each), which is how a GPU
-  runs them together. Forward mode through diffusers needs :func:`probes.forward_mode.forward_mode_ready`.
+  runs them together. Forward mode through diffusers needs :func:`interp.forward_mode.forward_mode_ready`.
 * **Ablation map** ``Δ_j(i) = ‖D_i(x|c) − D_i(x|c∖j)‖`` over channels — the discrete counterpart for
   conditioners that are not small perturbations (text phrases, colours).
 * **Signed attribution** ``(∂D/∂c_j)·(c_j − b_j)`` per channel: the first-order effect of moving ``c_j``
@@ -31,10 +31,10 @@ import torch
 from torch import Tensor
 
 from interp import Conditioning, ConditioningBatch, Denoiser
-from probes.forward_mode import forward_mode_ready
-from probes.inputs import as_levels, as_seeds, check_conditioning, forward_samples
-from probes.jacobian import Output, accumulation_dtype, evaluate
-from probes.results import ProbeResult
+from interp.forward_mode import forward_mode_ready
+from interp.inputs import as_levels, as_seeds, check_conditioning, forward_samples
+from interp.evaluate import Output, accumulation_dtype, evaluate
+from interp.results import ProbeResult
 from probes.summaries import effective_conditioners, region_fractions
 
 Maps = Sequence[Literal["jvp", "ablation", "attribution"]]
@@ -132,7 +132,7 @@ def conditional_locality(
         directions: ``"all"`` coordinate directions (exact) or a number of random directions.
         radius: region radius (normalised units) for the location summaries; ``None`` skips them.
         baseline: ``(L, D)`` baseline tokens for ``"attribution"`` (default zeros).
-        x0, shape, dtype: forward-process inputs (see :func:`probes.inputs.forward_samples`).
+        x0, shape, dtype: forward-process inputs (see :func:`interp.inputs.forward_samples`).
         branch: ``"cond"`` or ``"guided"`` (``s ×`` the conditional derivative; ablation uses the real CFG output).
         output: ``"prediction"`` or ``"score"``.
         chunk_size: JVP directions per forward pass.

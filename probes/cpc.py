@@ -28,29 +28,10 @@ import torch
 from torch import Tensor
 
 from interp import Conditioning, Denoiser
-from probes.inputs import as_levels, as_seeds, check_conditioning, conditioner_distances, forward_samples
-from probes.jacobian import accumulation_dtype, evaluate
-from probes.results import ProbeResult
-
-
-def composition_masks(locations: Tensor, hw: tuple[int, int], radius: float) -> Tensor:
-    """``(k, H, W)`` disjoint float masks: the disc of radius ``radius`` around each location, each pixel
-    given to its nearest conditioner."""
-    if radius <= 0:
-        raise ValueError(f"radius must be positive (normalised units), got {radius}")
-    dist = conditioner_distances(locations, hw)
-    nearest = dist.argmin(0)
-    k = dist.shape[0]
-    own = nearest[None] == torch.arange(k).view(k, 1, 1)
-    return ((dist <= radius) & own).to(torch.float64)
-
-
-def masked_composition(null: Tensor, singles: Sequence[Tensor], masks: Tensor) -> Tensor:
-    """``null + Σ_j m_j ⊙ (single_j − null)`` for ``(B, C, H, W)`` scores and ``(k, H, W)`` masks."""
-    comp = null.clone()
-    for j, s in enumerate(singles):
-        comp = comp + masks[j].to(null) * (s - null)
-    return comp
+from interp.inputs import as_levels, as_seeds, check_conditioning, conditioner_distances, forward_samples
+from interp.evaluate import accumulation_dtype, evaluate
+from interp.masks import composition_masks, masked_composition
+from interp.results import ProbeResult
 
 
 def cpc_residual(

@@ -33,11 +33,11 @@ from torch import Tensor
 from interp import Conditioning, ConditioningBatch, Denoiser
 from interp.site import resolve_paths, spatial_view
 from probes.conditional import _summarise, direction_set
-from probes.cpc import composition_masks, masked_composition
-from probes.forward_mode import forward_mode_ready
-from probes.inputs import as_levels, as_seeds, check_conditioning, forward_samples
-from probes.jacobian import accumulation_dtype
-from probes.results import ProbeResult
+from interp.masks import composition_masks, masked_composition
+from interp.forward_mode import forward_mode_ready
+from interp.inputs import as_levels, as_seeds, check_conditioning, forward_samples
+from interp.evaluate import accumulation_dtype
+from interp.results import ProbeResult
 from probes.summaries import hoyer_sparsity, support_fraction
 
 

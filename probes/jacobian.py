@@ -26,28 +26,14 @@ import torch
 from torch import Tensor
 
 from interp import Conditioning, Denoiser
+from interp.evaluate import Branch, Output, accumulation_dtype, evaluate
+from interp.forward_mode import forward_mode_ready
+from interp.inputs import PixelSpec, as_levels, as_seeds, forward_samples, pixel_list
+from interp.results import ProbeResult
 from interp.validation import check_finite, format_bytes, parse_bytes
-from probes.forward_mode import forward_mode_ready
-from probes.inputs import PixelSpec, as_levels, as_seeds, forward_samples, pixel_list
-from probes.results import ProbeResult
 from probes.summaries import DEFAULT_QUANTILES, pixel_summaries
 
-Output = Literal["prediction", "score"]
-Branch = Literal["cond", "uncond", "guided"]
-
-
-def evaluate(den: Denoiser, x_t: Tensor, t: Tensor, cond: Any, *, branch: Branch = "cond", output: Output = "prediction") -> Tensor:
-    """The probed function: the network's prediction (or the score) for one branch, ``(B, C, H, W)``."""
-    if output == "score":
-        return den.score(x_t, t, cond, branch=branch)
-    if output != "prediction":
-        raise ValueError(f"output must be 'prediction' or 'score', got {output!r}")
-    return den.predict(x_t, t, cond, branch=branch)
-
-
-def accumulation_dtype(x: Tensor) -> torch.dtype:
-    """float64 for float64 inputs, else float32 (fp32 accumulation for fp16 / bf16 models)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+__all__ = ["Branch", "Output", "RowEngine", "aggregate_map", "evaluate", "pixel_jacobian", "pixel_locality"]
 
 
 def saved_bytes(fn: Callable[[Tensor], Tensor], x: Tensor) -> int:
@@ -145,7 +131,7 @@ def pixel_jacobian(
         x_t: ``(S, C, H, W)`` inputs (each sample is linearised separately).
         t: training timestep (scalar).
         cond: the conditioning (broadcast over samples).
-        pixels: ``"all"``, a grid stride, or ``(row, col)`` pairs (see :func:`probes.inputs.pixel_list`).
+        pixels: ``"all"``, a grid stride, or ``(row, col)`` pairs (see :func:`interp.inputs.pixel_list`).
         branch / output: which function is differentiated (prediction or score, CFG branch).
         chunk_size / memory_budget: VJP batching (see :class:`RowEngine`).
         derivative_ready: swap in the plain attention processor while differentiating (restored after).
@@ -230,7 +216,7 @@ def pixel_locality(
         t: noise fraction(s) in ``[0, 1]``.
         seeds: forward-process samples (a count or a list of seeds).
         pixels: output pixels ``i`` (``"all"``, a grid stride, or ``(row, col)`` pairs).
-        x0: clean images the forward process starts from (default: zeros, see :mod:`probes.inputs`).
+        x0: clean images the forward process starts from (default: zeros, see :mod:`interp.inputs`).
         shape: ``(C, H, W)`` for networks whose config does not say it.
         branch / output: CFG branch and prediction-or-score.
         method: ``"dense"`` (one VJP per row) or ``"compressed"`` (coloured probing for local models,

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from probes.inputs import conditioner_distances
+from interp.inputs import conditioner_distances
 
 DEFAULT_QUANTILES: tuple[float, ...] = (0.5, 0.75, 0.95)
 

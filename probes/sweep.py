@@ -30,8 +30,8 @@ import pandas as pd
 
 from interp import Conditioning, Denoiser
 from interp.site import resolve_paths
-from probes.inputs import as_levels, as_seeds
-from probes.results import CORE_COLUMNS, ProbeResult
+from interp.inputs import as_levels, as_seeds
+from interp.results import CORE_COLUMNS, ProbeResult
 
 OUTPUT_SITE = "output"
 DEFAULT_LOCATIONS = ((0.25, 0.3), (0.72, 0.25), (0.5, 0.75))  # (ours) three well-separated objects

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from interp.cli import app
+from scorescope.cli import app
 
 runner = CliRunner()
 

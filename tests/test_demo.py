@@ -7,7 +7,7 @@ import json
 import pandas as pd
 from typer.testing import CliRunner
 
-from interp.cli import app
+from scorescope.cli import app
 from interp.store import open_store
 
 

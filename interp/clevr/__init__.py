@@ -4,8 +4,8 @@ Submodules (import what you need; nothing heavy is imported here):
 
 * :mod:`interp.clevr.render` — procedural CLEVR-like scenes with exact ground truth;
 * :mod:`interp.clevr.datasets` — seeded, streamed Exp1 / Exp2 / Exp3 / colour batches;
-* :mod:`interp.clevr.colour` — the colour + location token encoder;
-* :mod:`interp.clevr.coord_unet` — the global U-Net with pixel-coordinate input channels (Exp1, Exp2, colour);
+* :mod:`interp.models.clevr_colour` — the colour + location token encoder;
+* :mod:`interp.models.coord_unet` — the global U-Net with pixel-coordinate input channels (Exp1, Exp2, colour);
 * :mod:`interp.clevr.train` — the accelerate training loop (EMA, safetensors checkpoints, exact resume);
 * :mod:`interp.clevr.detect` — object detector / counter for generated scenes;
 * :mod:`interp.clevr.metrics` — Hungarian matching, count accuracy, recall / precision;

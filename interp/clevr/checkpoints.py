@@ -1,17 +1,12 @@
-"""Shipped CLEVR reference checkpoints: ``load_clevr("exp1")`` and friends.
+"""Shipping CLEVR reference checkpoints: export a training run's EMA weights into ``interp/assets/clevr``.
 
-Each checkpoint is a ``ClevrPipeline`` folder under ``interp/assets/clevr/<name>/`` with fp16 safetensors
-weights (EMA), loaded back in float32. ``interp/assets/clevr/MANIFEST.json`` records, per name, the recipe,
-steps, seed, wall time, machine, parameter count, file size and the length-generalisation table measured
-on the shipped weights.
-
-:func:`resolve_clevr` is the single place a CLEVR model name is turned into a pipeline: a shipped name, a
-pipeline folder (``save_pretrained``), or a training run folder (``latest.json``; its EMA weights).
+Loading them is the model zoo's job (:mod:`interp.models.shipped`: ``load_clevr``, ``available``); this
+module writes them: fp16 weights under the size limits, and the run's provenance and evaluation table in
+``MANIFEST.json``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -20,70 +15,17 @@ from typing import Any
 
 import torch
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "clevr"
-MANIFEST = ASSETS / "MANIFEST.json"
-SHIPPED = ("exp1", "exp2", "exp3", "colour")
+from interp.io import atomic_write_json
+from interp.models.shipped import ASSETS, MANIFEST, SHIPPED, available, load_clevr, read_manifest
+
 #: Size limits of the shipped weights (bytes).
 MAX_BYTES_EACH = 10 * 2**20
 MAX_BYTES_TOTAL = 40 * 2**20
 
 
-def read_manifest(path: Path = MANIFEST) -> dict[str, Any]:
-    """The manifest as a dict (``{}`` with a ``"models"`` key when absent)."""
-    if not path.exists():
-        return {"models": {}}
-    return json.loads(path.read_text())
-
-
 def _write_manifest(data: dict[str, Any], path: Path = MANIFEST) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False))
-    os.replace(tmp, path)
-
-
-def load_clevr(name: str, *, device: str = "cpu", assets: Path = ASSETS):
-    """Load shipped checkpoint ``name`` (``exp1``, ``exp2``, ``exp3``, ``colour``) as a float32 ClevrPipeline."""
-    from interp.models.clevr import ClevrPipeline
-
-    if name not in SHIPPED:
-        raise ValueError(f"unknown CLEVR checkpoint {name!r}; shipped: {', '.join(SHIPPED)} (or pass a pipeline folder)")
-    folder = Path(assets) / name
-    if not (folder / "model_index.json").exists():
-        raise FileNotFoundError(
-            f"checkpoint {name!r} is not installed at {folder}; train it with "
-            f"`scorescope clevr train --recipe {name} --out DIR` and load DIR instead"
-        )
-    pipe = ClevrPipeline.from_pretrained(str(folder), dtype=torch.float32)
-    pipe._scorescope_name = name
-    return pipe.to(device)
-
-
-def resolve_clevr(name: str, *, device: str = "cpu"):
-    """A CLEVR pipeline from a shipped name, a ``save_pretrained`` folder, or a training-run folder."""
-    from interp.models.clevr import ClevrPipeline
-
-    if name in SHIPPED:
-        return load_clevr(name, device=device)
-    if name == "tiny-clevr":
-        from interp.models.clevr import clevr_pipeline
-
-        return clevr_pipeline("tiny").to(device)
-    path = Path(name)
-    if (path / "model_index.json").exists():
-        pipe = ClevrPipeline.from_pretrained(str(path), dtype=torch.float32)
-        pipe._scorescope_name = path.name
-        return pipe.to(device)
-    if (path / "latest.json").exists():
-        from interp.clevr.train import pipeline_from_checkpoint
-
-        pipe = pipeline_from_checkpoint(path)
-        pipe._scorescope_name = path.name
-        return pipe.to(device)
-    raise ValueError(
-        f"unknown CLEVR model {name!r}: use one of {', '.join(SHIPPED)}, 'tiny-clevr', a folder saved with "
-        "save_pretrained, or a training run folder (with latest.json)"
-    )
+    atomic_write_json(path, data)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -100,13 +42,19 @@ def ship(run_dir: str | Path, name: str, *, eval_result: dict[str, Any] | None =
     pipe = pipeline_from_checkpoint(run_dir)
     state = pipe._scorescope_state
     dest = Path(assets) / name
-    tmp = Path(assets) / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.to(torch.float16).save_pretrained(str(tmp))
-    size = folder_bytes(tmp)
-    if size > MAX_BYTES_EACH:
-        raise ValueError(f"checkpoint {name} is {size / 2**20:.1f} MiB, over the {MAX_BYTES_EACH / 2**20:.0f} MiB limit")
-    shutil.rmtree(dest, ignore_errors=True)
+    import tempfile
+
+    # A fresh, uniquely named folder beside the destination: nothing but this export is ever deleted.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=assets))
+    try:
+        pipe.to(torch.float16).save_pretrained(str(tmp))
+        size = folder_bytes(tmp)
+        if size > MAX_BYTES_EACH:
+            raise ValueError(f"checkpoint {name} is {size / 2**20:.1f} MiB, over the {MAX_BYTES_EACH / 2**20:.0f} MiB limit")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the export folder this call created, nothing else
+        raise
+    shutil.rmtree(dest, ignore_errors=True)  # the previous shipped checkpoint of this name (ours)
     os.replace(tmp, dest)
     with _manifest_lock(Path(assets)):
         return _record(pipe, state, name, dest, size, eval_result, Path(assets), note)
@@ -158,3 +106,9 @@ def _record(pipe: Any, state: dict[str, Any], name: str, dest: Path, size: int, 
     manifest["total_bytes"] = total
     _write_manifest(manifest, Path(assets) / "MANIFEST.json")
     return dest
+
+
+__all__ = [
+    "ASSETS", "MANIFEST", "MAX_BYTES_EACH", "MAX_BYTES_TOTAL", "SHIPPED", "available", "folder_bytes", "load_clevr",
+    "read_manifest", "ship",
+]

@@ -58,14 +58,14 @@ def eval_(
     """Length generalisation: count accuracy, recall, precision and mean count for each requested k."""
     import torch
 
-    from interp.clevr.checkpoints import resolve_clevr
+    from interp.models.registry import load_model
     from interp.clevr.evaluate import evaluate_length, format_table, parse_counts, write_outputs
 
     if threads:
         torch.set_num_threads(threads)
     try:
         ks = parse_counts(counts)
-        pipe = resolve_clevr(model)
+        pipe = load_model(model).pipeline
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from None
     result = evaluate_length(pipe, ks, n=n, seed=seed, steps=steps, guidance_scale=guidance, model_name=model)

@@ -47,7 +47,7 @@ class Recipe:
     Attributes:
         name: recipe name. data: dataset recipe (:data:`~interp.clevr.datasets.RECIPE_DATA`).
         arch: ``"global-coord"`` (standard ``UNet2DConditionModel`` + pixel-coordinate input channels,
-            :mod:`interp.clevr.coord_unet`), ``"global"`` (the plain one) or ``"local"`` (:class:`ClevrLocalUNet`).
+            :mod:`interp.models.coord_unet`), ``"global"`` (the plain one) or ``"local"`` (:class:`ClevrLocalUNet`).
         encoder: ``"location"`` | ``"located"`` | ``"colour"``.
         unet: architecture keyword arguments (preset name and overrides for ``global``; config for ``local``).
         token_dim: token width. size: image side. batch_size / steps / lr / warmup / ema_decay: optimisation.
@@ -123,7 +123,7 @@ def build_pipeline(recipe: Recipe, seed: int = 0):
     """A freshly initialised :class:`~interp.ClevrPipeline` for ``recipe`` (deterministic by ``seed``)."""
     from diffusers import DDPMScheduler
 
-    from interp.clevr.colour import ColourLocationEncoder
+    from interp.models.clevr_colour import ColourLocationEncoder
     from interp.models.clevr import ClevrPipeline, LocationEncoder, clevr_unet
     from interp.models.clevr_local import ClevrLocalUNet, LocatedLocationEncoder
 
@@ -133,7 +133,7 @@ def build_pipeline(recipe: Recipe, seed: int = 0):
         preset = kw.pop("preset", "small")
         unet = clevr_unet(preset, seed=seed, sample_size=recipe.size, cross_attention_dim=recipe.token_dim, **kw)
     elif recipe.arch == "global-coord":
-        from interp.clevr.coord_unet import CoordUNet2DConditionModel
+        from interp.models.coord_unet import CoordUNet2DConditionModel
         from interp.models.clevr import clevr_unet_config
 
         kw = dict(recipe.unet)
@@ -438,3 +438,13 @@ def pipeline_from_checkpoint(run_dir: str | Path, *, ema: bool = True):
     pipe._scorescope_recipe = recipe
     pipe._scorescope_state = state
     return pipe
+
+
+def load_run_folder(path: Path, device: str = "cpu"):
+    """Folder loader for :func:`interp.models.registry.load_model`: a training run's pipeline, or ``None``.
+
+    The latest checkpoint's EMA weights (the same numbers as the exported ``pipeline/`` of a finished run).
+    """
+    if not (Path(path) / "latest.json").is_file():
+        return None
+    return pipeline_from_checkpoint(path).to(device)

@@ -152,8 +152,8 @@ class ClevrPipeline(DiffusionPipeline):
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> ClevrPipeline:
         """diffusers' loader, plus aligned weight storage so a reload computes bit-identically."""
         # diffusers resolves custom component classes only from modules already imported: import ours
-        import interp.clevr.colour  # noqa: F401
-        import interp.clevr.coord_unet  # noqa: F401
+        import interp.models.clevr_colour  # noqa: F401
+        import interp.models.coord_unet  # noqa: F401
         import interp.models.clevr_local  # noqa: F401
         from interp.models.alignment import realign_pipeline_
 

@@ -1,22 +1,29 @@
-"""Models by name: every CLI command and notebook resolves ``--model NAME`` here.
+"""Models by name: the one place a ``--model NAME`` becomes a pipeline and a :class:`Denoiser`.
 
-Names:
+Every CLI command, notebook and sweep resolves names here (:func:`load_model`):
+
 * ``tiny-clevr`` — a randomly initialised tiny CLEVR pipeline (tests, demos without checkpoints);
 * ``tiny-sdxl`` — the tiny random SDXL pipeline;
 * ``exp1`` / ``exp2`` / ``exp3`` / ``colour`` — the shipped CLEVR reference checkpoints
-  (:func:`interp.clevr.checkpoints.load_clevr`);
-* a path to a folder saved with ``ClevrPipeline.save_pretrained`` or an SDXL pipeline folder.
+  (:func:`interp.models.shipped.load_clevr`);
+* a folder saved with ``save_pretrained`` (a ``ClevrPipeline`` or an SDXL pipeline);
+* any other folder a *folder loader* recognises. Folder loaders are plugins declared under the
+  ``scorescope.models`` entry-point group: ``loader(path, device) -> pipeline | None``. The CLEVR world
+  declares one for training-run folders (``latest.json``; their EMA weights), so the zoo resolves runs
+  without importing the world.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 from interp.denoiser import Denoiser
+from interp.models.shipped import SHIPPED
 
-SHIPPED_CLEVR = ("exp1", "exp2", "exp3", "colour")
+TINY = ("tiny-clevr", "tiny-sdxl")
 
 
 @dataclass
@@ -29,31 +36,73 @@ class LoadedModel:
     denoiser: Denoiser
 
 
-def load_model(name: str, *, seed: int = 0, device: str = "cpu") -> LoadedModel:
-    """Resolve a model name or folder (see the module docstring)."""
-    from interp.models.clevr import ClevrPipeline, clevr_pipeline
-    from interp.models.sdxl import sdxl_denoiser, tiny_sdxl
+def known_names() -> tuple[str, ...]:
+    """Every model name :func:`load_model` accepts besides folders."""
+    return (*TINY, *SHIPPED)
 
-    if name == "tiny-clevr":
-        pipe = clevr_pipeline("tiny", seed=seed).to(device)
-        return LoadedModel(name, "clevr", pipe, pipe.denoiser(name=name))
-    if name == "tiny-sdxl":
-        pipe = tiny_sdxl(seed).to(device)
-        return LoadedModel(name, "sdxl", pipe, sdxl_denoiser(pipe, name=name))
-    if name in SHIPPED_CLEVR:
-        from interp.clevr.checkpoints import load_clevr
 
-        pipe = load_clevr(name).to(device)
-        return LoadedModel(name, "clevr", pipe, pipe.denoiser(name=name))
-    path = Path(name)
-    if path.is_dir() and (path / "model_index.json").exists():
+def _clevr(name: str, pipe: Any) -> LoadedModel:
+    pipe._scorescope_name = name
+    return LoadedModel(name, "clevr", pipe, pipe.denoiser(name=name))
+
+
+def _from_folder(path: Path, device: str) -> LoadedModel | None:
+    from interp.models.clevr import ClevrPipeline
+
+    if (path / "model_index.json").is_file():
         index = (path / "model_index.json").read_text()
         if "ClevrPipeline" in index:
-            pipe = ClevrPipeline.from_pretrained(path).to(device)
-            return LoadedModel(path.name, "clevr", pipe, pipe.denoiser(name=path.name))
-        from interp.models.sdxl import load_sdxl
+            import torch
+
+            return _clevr(path.name, ClevrPipeline.from_pretrained(str(path), dtype=torch.float32).to(device))
+        from interp.models.sdxl import load_sdxl, sdxl_denoiser
 
         pipe = load_sdxl(str(path), device=device, dtype=None)
         return LoadedModel(path.name, "sdxl", pipe, sdxl_denoiser(pipe, name=path.name))
-    known = ", ".join(("tiny-clevr", "tiny-sdxl", *SHIPPED_CLEVR))
-    raise ValueError(f"unknown model {name!r}: use one of {known}, or a folder saved with save_pretrained")
+    for ep in entry_points(group="scorescope.models"):
+        pipe = ep.load()(path, device)
+        if pipe is not None:
+            return _clevr(path.name, pipe) if isinstance(pipe, ClevrPipeline) else None
+    return None
+
+
+def load_model(name: str | Path, *, seed: int = 0, device: str = "cpu") -> LoadedModel:
+    """Resolve a model name or folder (see the module docstring).
+
+    Args:
+        name: a known name (:func:`known_names`) or a folder.
+        seed: initialises the random ``tiny-*`` models (ignored for trained weights).
+        device: where to put the model.
+
+    Raises:
+        ValueError: an unknown name, listing the known ones.
+    """
+    from interp.models.clevr import clevr_pipeline
+    from interp.models.sdxl import sdxl_denoiser, tiny_sdxl
+
+    key = str(name)
+    if key == "tiny-clevr":
+        return _clevr(key, clevr_pipeline("tiny", seed=seed).to(device))
+    if key == "tiny-sdxl":
+        pipe = tiny_sdxl(seed).to(device)
+        return LoadedModel(key, "sdxl", pipe, sdxl_denoiser(pipe, name=key))
+    if key in SHIPPED:
+        from interp.models.shipped import load_clevr
+
+        return _clevr(key, load_clevr(key, device=device))
+    path = Path(key)
+    if path.is_dir():
+        loaded = _from_folder(path, device)
+        if loaded is not None:
+            return loaded
+        raise ValueError(
+            f"{path} is a folder but holds no model: expected a pipeline saved with save_pretrained "
+            "(model_index.json) or a CLEVR training run (latest.json)"
+        )
+    raise ValueError(
+        f"unknown model {key!r}: use one of {', '.join(known_names())}, or a folder saved with save_pretrained "
+        "or written by `scorescope clevr train`"
+    )
+
+
+__all__ = ["LoadedModel", "known_names", "load_model"]

@@ -6,7 +6,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from interp import ClevrPipeline
-from interp.clevr.coord_unet import CoordUNet2DConditionModel, coordinate_channels
+from interp.models.coord_unet import CoordUNet2DConditionModel, coordinate_channels
 from interp.clevr.train import build_pipeline, get_recipe
 
 

@@ -14,7 +14,7 @@ from interp.models.clevr import clevr_pipeline
 
 
 def test_cli_eval_writes_table_figure_and_grid(tmp_path):
-    from interp.cli import app
+    from scorescope.cli import app
 
     out = tmp_path / "ev" / "out.json"
     res = CliRunner().invoke(app, ["clevr", "eval", "--model", "tiny-clevr", "--counts", "0,2,4", "--n", "3", "--steps", "2", "--seed", "0", "--json", str(out)])
@@ -64,7 +64,7 @@ def test_bad_requests_raise_clear_errors():
 
 
 def test_cli_compare_plots_several_results_and_rejects_bad_input(tmp_path):
-    from interp.cli import app
+    from scorescope.cli import app
 
     pipe = clevr_pipeline("tiny", seed=0)
     paths = []

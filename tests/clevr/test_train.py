@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from interp.clevr.checkpoints import resolve_clevr
+from interp.models.registry import load_model
 from interp.clevr.train import get_recipe, latest_checkpoint, train
 
 
@@ -39,8 +39,8 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, name):
     rows = list(csv.DictReader((tmp_path / "cut" / "loss.csv").open()))
     assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
     # the finished run exports its EMA weights as a loadable pipeline, and a run folder loads as a model
-    p1 = resolve_clevr(str(tmp_path / "full" / "pipeline"))
-    p2 = resolve_clevr(str(tmp_path / "full"))
+    p1 = load_model(str(tmp_path / "full" / "pipeline")).pipeline
+    p2 = load_model(str(tmp_path / "full")).pipeline
     for k, v in p1.unet.state_dict().items():
         assert torch.equal(v, p2.unet.state_dict()[k])
     # a different seed really gives different weights (the comparison above can fail)
@@ -132,5 +132,5 @@ def test_gpu_recipes_build_and_take_a_step(tmp_path, name):
     assert rec.size == 64
     res = train(rec, tmp_path / name, progress=False)
     assert res.step == 1 and torch.isfinite(torch.tensor(res.losses)).all()
-    pipe = resolve_clevr(str(res.pipeline_dir))
+    pipe = load_model(str(res.pipeline_dir)).pipeline
     assert pipe.unet.config.sample_size == 64

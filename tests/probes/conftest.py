@@ -20,7 +20,7 @@ if getattr(sys.modules.get("probes"), "__file__", "") is None:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from probes.testing import toy_conditioning, toy_denoiser  # noqa: E402
+from interp.models.analytic import toy_conditioning, toy_denoiser  # noqa: E402
 
 LOCS = [[0.25, 0.25], [0.75, 0.7]]  # far apart: bumps of radius 0.2 do not overlap
 

@@ -9,8 +9,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from interp import count_hooks
 from probes import conditional_locality, conditioner_jvp, forward_mode_ready, integrated_gradients_map
 from probes.conditional import direction_set, token_function
-from probes.inputs import forward_samples
-from probes.testing import feature_baseline, toy_conditioning
+from interp.inputs import forward_samples
+from interp.models.analytic import feature_baseline, toy_conditioning
 
 
 def _token_jacobian(den, x, ts, cond):
@@ -78,7 +78,7 @@ def test_clevr_conditional_maps_are_non_local(clevr):
 
 
 def test_guided_branch_scales_the_conditional_derivative(toy_cond):
-    from probes.testing import toy_denoiser
+    from interp.models.analytic import toy_denoiser
     from interp import Denoiser
 
     base = toy_denoiser("local", size=12, dtype=torch.float64)
@@ -120,7 +120,7 @@ def test_clear_errors(local_den, toy_cond):
 
 
 def test_half_precision_jvp_accumulates_in_float32(toy_cond):
-    from probes.testing import toy_denoiser
+    from interp.models.analytic import toy_denoiser
 
     c32 = toy_cond.to(dtype=torch.float32)
     a = conditional_locality(toy_denoiser("local", size=12), c32, 0.5, 1, maps=("jvp",), directions=4)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from probes import composition_masks, concept_cosines, cpc_residual, feature_dependence, linear_probe_map
-from probes.testing import toy_conditioning
+from interp.models.analytic import toy_conditioning
 
 
 def test_cpc_residual_is_zero_for_the_exactly_local_model(local_den, global_den, toy_cond):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from probes import compressed_jacobian, pixel_jacobian, pixel_locality
-from probes.inputs import forward_samples, pixel_list
-from probes.jacobian import evaluate
+from interp.inputs import forward_samples, pixel_list
+from interp.evaluate import evaluate
 from probes.summaries import mass_outside
 
 
@@ -115,7 +115,7 @@ def test_compressed_method_in_pixel_locality(local_den, toy_cond):
 
 
 def test_half_precision_accumulates_in_float32(toy_cond):
-    from probes.testing import toy_denoiser
+    from interp.models.analytic import toy_denoiser
 
     den32 = toy_denoiser("local", size=12)
     den16 = toy_denoiser("local", size=12, dtype=torch.bfloat16)

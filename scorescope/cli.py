@@ -1,8 +1,9 @@
-"""The ``scorescope`` command line.
+"""The ``scorescope`` command line (the application layer's root).
 
 Command groups are plugins: each package declares a Typer app under the ``scorescope.commands`` entry
 point group in ``pyproject.toml`` (``clevr`` from ``interp.clevr``, ``locality`` from ``probes``), and this
-module mounts whatever is installed. ``interp`` therefore never imports ``probes`` or ``interventions``.
+module mounts whatever is installed. A third-party group whose imports fail is skipped with a warning; one of
+scorescope's own groups failing is a bug and raises.
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ def demo(
     out: Path = typer.Option(Path("scorescope-demo"), help="Folder for the demo's outputs."),
     model: str = typer.Option("default", help="Model name ('default': a shipped CLEVR checkpoint if present, else the bundled tiny models)."),
     seed: int = typer.Option(0, help="Seed for every random choice."),
+    overwrite: bool = typer.Option(False, help="Write into a non-empty folder that is not an earlier demo's (nothing in it is deleted)."),
 ) -> None:
     """Capture activations and compute a locality map on a model, writing figures, tables and tensors to OUT."""
-    from interp.experiments.demo import run_demo
+    from scorescope.demo import run_demo
 
-    summary = run_demo(out, model=model, seed=seed)
+    try:
+        summary = run_demo(out, model=model, seed=seed, overwrite=overwrite)
+    except FileExistsError as err:
+        raise typer.BadParameter(str(err), param_hint="--out") from None
     for line in summary:
         typer.echo(line)
 
@@ -47,8 +52,8 @@ def _mount_plugins() -> None:
     for ep in entry_points(group="scorescope.commands"):
         try:
             sub = ep.load()
-        except Exception as err:  # a broken plugin must not take the whole CLI down
-            if os.environ.get("SCORESCOPE_DEBUG"):
+        except ImportError as err:  # a third-party group with a missing dependency must not take the CLI down
+            if os.environ.get("SCORESCOPE_DEBUG") or (ep.dist is not None and ep.dist.name == "scorescope"):
                 raise
             typer.echo(f"warning: command group {ep.name!r} failed to load: {err}", err=True)
             continue

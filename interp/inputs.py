@@ -56,6 +56,32 @@ def log_levels(n: int = 10, lo: float = 0.02, hi: float = 0.98) -> list[float]:
     return [round(math.exp(math.log(lo) + i * (math.log(hi) - math.log(lo)) / (n - 1)), 6) for i in range(n)]
 
 
+def resolve_timestep(den: Denoiser, *, t: float | None = None, timestep: Tensor | float | int | None = None) -> Tensor:
+    """The training timestep of a call that takes either a noise fraction ``t`` or a raw ``timestep``.
+
+    Verbs that accept an explicit input ``x_t`` also need its noise level: as ``t`` (a noise fraction in
+    ``[0, 1]``, the same unit as every probe's ``t``) or, at the low level, as ``timestep`` (the scheduler's
+    training timestep, ``0 … num_train_timesteps − 1``). Exactly one must be given.
+
+    Returns:
+        a 0-d tensor on the model's device (long for ``t``; ``timestep`` as given, checked by the Denoiser).
+    """
+    if (t is None) == (timestep is None):
+        raise ValueError(
+            "pass exactly one of t= (noise fraction in [0, 1]) or timestep= (training timestep, "
+            f"0..{den.num_train_timesteps - 1}); got t={t!r}, timestep={timestep!r}"
+        )
+    if t is not None:
+        if isinstance(t, Tensor) or not isinstance(t, (int, float)):
+            raise TypeError(f"t must be one noise fraction (a float in [0, 1]), got {type(t).__name__}; "
+                            "loop over noise levels, or pass timestep= for a raw scheduler timestep")
+        return den.timestep(as_levels(t)[0]).to(den.device)
+    ts = torch.as_tensor(timestep)
+    if ts.dim() > 0 and ts.numel() != 1:
+        raise ValueError(f"timestep must be one value, got shape {tuple(ts.shape)}")
+    return ts.reshape(()).to(den.device)
+
+
 def input_shape(den: Denoiser, shape: Sequence[int] | None = None) -> tuple[int, int, int]:
     """``(C, H, W)`` of the model's input: ``shape`` if given, else from the network config."""
     if shape is not None:

@@ -1,1 +1,0 @@
-"""Experiments that combine capture, probes and interventions (the only part of interp that may use probes)."""
