@@ -68,8 +68,8 @@ def bench_jacobian(preset: str, loop_rows: int, repeats: int) -> dict:
     x, ts = forward_samples(den, 0.5, [0])
     C, H, W = x.shape[1:]
     rows = C * H * W
-    jac, t_batched = timed(lambda: pixel_jacobian(den, x, ts, cond, pixels="all"))
-    _, t_plain = timed(lambda: pixel_jacobian(den, x, ts, cond, pixels="all", derivative_ready=True))
+    jac, t_batched = timed(lambda: pixel_jacobian(den, cond, x_t=x, timestep=ts, pixels="all"))
+    _, t_plain = timed(lambda: pixel_jacobian(den, cond, x_t=x, timestep=ts, pixels="all", derivative_ready=True))
     # per-row loop on a subset, scaled
     xx = x.clone().requires_grad_(True)
     out = evaluate(den, xx, ts, cond)
@@ -121,7 +121,7 @@ def bench_compressed(size: int) -> list[dict]:
         pass
     for name, den, cond, radius in cases:
         x, ts = forward_samples(den, 0.5, [0])
-        dense, t_dense = timed(lambda: pixel_jacobian(den, x, ts, cond, pixels="all"))
+        dense, t_dense = timed(lambda: pixel_jacobian(den, cond, x_t=x, timestep=ts, pixels="all"))
         comp, t_comp = timed(lambda: compressed_jacobian(den, x, ts, cond, radius=radius))
         out.append({
             "model": name, "radius": radius, "image": f"3x{size}x{size}", "dense_passes": comp.dense_passes, "compressed_passes": comp.passes,

@@ -8,20 +8,29 @@ Two ways to read activations:
   branch and call. Steps and branches come from :mod:`interp.context` when a Denoiser or the sampling
   loop drives the U-Net; for a raw pipeline call they are inferred from the call count and the CFG shape
   (``cfg="batched"``: ``[uncond; cond]`` halves; ``cfg="separate"``: alternating calls).
-* :func:`read_activation` — a *differentiable* function ``(x_t, t, cond) -> h_L`` that stops the forward
-  right after the site. Probes use it inside ``torch.func`` transforms.
+* :func:`read_activation` — a *differentiable* read ``read_activation(den, site, cond, x_t=..., t=...)``
+  ``-> h_L`` that stops the forward right after the site. Probes use it inside ``torch.func`` transforms.
 
 Every capture knows its byte cost before it runs when given a :class:`CapturePlan` (a shape-only pass
 with fake tensors: no compute, no memory), and enforces a memory budget in any case: past it the capture
 streams to safetensors shards on disk, or refuses with the number (``on_over_budget="raise"``).
 
 Hooks are installed on module boundaries only and removed on every exit path.
+
+Concurrency: a capture records only the forwards run in the thread (more exactly, the
+:mod:`contextvars` context) that entered it — the active captures live in a context variable that the
+hooks read — so two threads sampling one model under their own captures never see each other's calls.
+Within one thread, a second capture of the same network while one is active (nested, or interleaved by
+generators, which share their caller's context) is refused with :class:`CaptureConflictError`: its
+forwards could not be told apart.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +52,19 @@ CfgShape = Literal["batched", "separate"] | None
 
 class CaptureBudgetError(MemoryError):
     """A capture would exceed its memory budget and was told not to stream to disk."""
+
+
+class CaptureConflictError(RuntimeError):
+    """A second capture of one network was entered in a thread/context where another is still active."""
+
+
+class SiteSelectionError(ValueError):
+    """A site's ``steps`` / ``branch`` selection matched none of the calls its modules ran (nothing captured)."""
+
+
+#: The captures entered in the current thread / context. Hooks record only for these, so a capture never
+#: records another thread's forwards (each thread has its own context).
+_ACTIVE: contextvars.ContextVar[tuple[Capture, ...]] = contextvars.ContextVar("scorescope_active_captures", default=())
 
 
 def unet_of(target: Any) -> nn.Module:
@@ -169,6 +191,14 @@ def plan_capture(
 # --------------------------------------------------------------------------- capture
 
 
+def _fmt_steps(steps: list[int]) -> str:
+    if steps == [-1]:
+        return "none announced (-1: no sampling loop; pass count_steps=True or run interp.sample)"
+    if len(steps) > 6 and steps == list(range(steps[0], steps[-1] + 1)):
+        return f"{steps[0]}..{steps[-1]}"
+    return str(steps)
+
+
 @dataclass
 class CallState:
     """Labels of one U-Net call: its index in the capture, step (``-1``: none), branch layout, input ``(H, W)``."""
@@ -179,11 +209,16 @@ class CallState:
     image_hw: tuple[int, int] | None
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field equality: the active-capture registry compares captures with `is`
 class Capture:
     """Records activations at sites while code runs inside ``with capture(...)``.
 
     Use :func:`capture` to build one. After the block, :attr:`store` holds the tensors (on CPU).
+
+    Attributes:
+        calls: U-Net calls that completed inside the block.
+        failed_calls: call indices whose forward raised (their partial tensors stay in the store under
+            that call index; a retry is a new call). Also saved as ``store.metadata["failed_calls"]``.
     """
 
     target: Any
@@ -199,15 +234,39 @@ class Capture:
     owns_store: bool = False
     resolved: list[tuple[Site, str, nn.Module]] = field(default_factory=list)
     calls: int = 0
+    failed_calls: list[int] = field(default_factory=list)
     _hooks: HookSet = field(default_factory=HookSet)
     _state: CallState | None = None
+    _unet: nn.Module | None = None
+    _next_call: int = 0  # index of the next call *started*: a retried forward gets a new one
+    _ran: dict[int, set[tuple[int, str]]] = field(default_factory=dict)  # id(site) -> (step, branch) seen
+    _hits: dict[int, int] = field(default_factory=dict)  # id(site) -> tensors recorded
 
     # ------------------------------------------------------------- lifecycle
-    def __enter__(self) -> Capture:
-        unet = unet_of(self.target)
+    def _begin(self, unet: nn.Module) -> None:
+        """Resolve sites, check the plan's budget, and number calls after those already in the store.
+
+        Shared with the nnsight backend (which installs no hooks).
+        """
+        self._unet = unet
         self.resolved = [(s, p, m) for s in self.sites for p, m in s.resolve(unet)]
         if self.plan is not None and self.budget is not None and self.plan.total_bytes > self.budget:
             self._over_budget(self.plan.total_bytes, before=True)
+        # A store passed in may already hold an earlier capture: continue its call numbering so keys never collide.
+        self._next_call = 1 + max((k.call for k in self.store.keys()), default=-1)
+
+    def __enter__(self) -> Capture:
+        unet = unet_of(self.target)
+        active = _ACTIVE.get()
+        clash = next((c for c in active if c._unet is unet), None)
+        if clash is not None:
+            raise CaptureConflictError(
+                f"another capture of this {type(unet).__name__} (sites {[s.path for s in clash.sites]}) is already "
+                "active in this thread; nested or interleaved captures of one model (e.g. two generators) cannot "
+                "tell their forwards apart. Capture all sites in one capture(...), finish the first capture "
+                "before starting the next, or run each capture in its own thread"
+            )
+        self._begin(unet)
         try:
             self._hooks.pre(unet, self._on_unet_call)
             self._hooks.forward(unet, self._on_unet_return)
@@ -219,23 +278,50 @@ class Capture:
         except BaseException:
             self._hooks.remove()
             raise
+        _ACTIVE.set((*active, self))
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         self._hooks.remove()
-        self._state = None
-        # A disk store this capture opened (from a folder, or by spilling) is finished: close it, which marks
-        # its index complete. A store the caller passed in stays open for them.
+        # Not ContextVar.reset(token): captures of different models may end in any order (generators).
+        _ACTIVE.set(tuple(c for c in _ACTIVE.get() if c is not self))
+        self._finish(exc)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        """End the capture: persist the store (marked aborted when ``exc``), then check the site selections.
+
+        A disk store this capture opened (from a folder, or by spilling) is closed; a store the caller
+        passed in is flushed and stays open for them (an abort is still recorded on it, and written when
+        they close it). The selection check runs last, on a clean exit only, so its error never costs the
+        captured data.
+        """
+        if self._state is not None:  # a call whose forward raised and was not retried
+            self._call_failed()
+        if exc is not None:
+            self.store.mark_aborted(f"{type(exc).__name__}: {exc}")
+        if self.failed_calls:
+            self.store.metadata["failed_calls"] = list(self.failed_calls)
         if self.owns_store:
             self.store.close()
         else:
             self.store.flush()
+        if exc is None:
+            self._check_selections()
+
+    def _active(self) -> bool:
+        return any(c is self for c in _ACTIVE.get())
 
     # ------------------------------------------------------------- hooks
     def _on_unet_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._active():  # another thread's forward, or a forward outside the block
+            return
+        if self._state is not None:  # the previous call never returned: its forward raised
+            self._call_failed()
         ctx: UNetCall | None = current_call()
         batch = _batch_of(args, kwargs)
         branches: tuple[tuple[str, slice], ...]
+        # Step and CFG alternation count *completed* calls, so a retried forward gets the failed one's labels;
+        # its call index (below) is new, so the two never collide in the store.
         if ctx is not None and ctx.branches:
             branches = ctx.branches
         elif self._cfg_shape() == "batched":
@@ -250,10 +336,24 @@ class Capture:
             step = self.calls // (2 if self._cfg_shape() == "separate" else 1)
         else:
             step = -1
-        self._state = CallState(self.calls, step, branches, _input_hw(args, kwargs))
+        self._state = CallState(self._take_call_index(), step, branches, _input_hw(args, kwargs))
 
     def _on_unet_return(self, module: nn.Module, args: tuple, out: Any) -> None:
+        if not self._active():
+            return
         self.calls += 1
+        self._state = None
+
+    def _take_call_index(self) -> int:
+        index = self._next_call
+        self._next_call += 1
+        return index
+
+    def _call_failed(self) -> None:
+        assert self._state is not None
+        self.failed_calls.append(self._state.index)
+        log.warning("U-Net call %d raised inside the capture; its partial tensors stay under call=%d",
+                    self._state.index, self._state.index)
         self._state = None
 
     def _cfg_shape(self) -> CfgShape:
@@ -266,9 +366,11 @@ class Capture:
 
     def _reader(self, site: Site, path: str, *, from_input: bool) -> Callable:
         def read(tensor: Tensor) -> None:
+            if not self._active():
+                return
             state = self._state
-            if state is None:  # the module ran outside a U-Net call (e.g. a direct submodule call)
-                state = CallState(self.calls, -1, (("cond", slice(0, tensor.shape[0])),), None)
+            if state is None:  # the module ran outside a U-Net call (e.g. a direct submodule call): its own call
+                state = CallState(self._take_call_index(), -1, (("cond", slice(0, tensor.shape[0])),), None)
             self.record(site, path, tensor, state)
 
         if from_input:
@@ -281,15 +383,44 @@ class Capture:
         Shared by both backends (torch hooks here, :mod:`interp.nnsight_backend`), so the selection,
         dtype and copy semantics — hence the stored bits — cannot drift apart.
         """
+        ran = self._ran.setdefault(id(site), set())
         for branch, rows in state.branches:
+            ran.add((state.step, branch))
             if not site.applies(None if state.step < 0 else state.step, branch):
                 continue
+            self._hits[id(site)] = self._hits.get(id(site), 0) + 1
             part = site.select(tensor[rows], state.image_hw).detach()
             if self.store_dtype is not None:
                 part = part.to(self.store_dtype)
             # Always a copy: the model may reuse or modify its buffers after the hook returns.
             part = part.to("cpu", copy=True).contiguous() if part.device.type != "cpu" else part.clone()
             self._put(ActivationKey(path, state.step, branch, state.index), part)
+
+    def _check_selections(self) -> None:
+        """Refuse a site whose explicit ``steps``/``branch`` matched none of the calls that ran; warn about
+        listed steps that never ran. Sites whose modules never ran are not judged (nothing to select from)."""
+        for site in self.sites:
+            ran = self._ran.get(id(site))
+            if not site.selective or not ran:
+                continue
+            steps_ran = sorted({s for s, _ in ran})
+            branches_ran = sorted({b for _, b in ran})
+            if not self._hits.get(id(site)):
+                raise SiteSelectionError(
+                    f"Site({site.path!r}, steps={site.steps!r}, branch={site.branch!r}) matched none of the calls "
+                    f"that ran: steps {_fmt_steps(steps_ran)}, branches {branches_ran}; nothing was captured for "
+                    "it (everything else is in cap.store). Pick steps/branches that the run makes"
+                )
+            if isinstance(site.steps, (int, tuple, range)):
+                wanted = [site.steps] if isinstance(site.steps, int) else list(site.steps)
+                missing = [s for s in wanted if s not in set(steps_ran)]
+                if missing:
+                    warnings.warn(
+                        f"Site({site.path!r}) asked for steps {missing[:10]} that did not run (steps that ran: "
+                        f"{_fmt_steps(steps_ran)}); those were not captured",
+                        UserWarning,
+                        stacklevel=3,
+                    )
 
     # ------------------------------------------------------------- budget
     def _put(self, key: ActivationKey, tensor: Tensor) -> None:
@@ -322,6 +453,32 @@ class Capture:
         return self.store.frame()
 
 
+def _check_budget(budget: int | float | str | None) -> int | None:
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
+        raise TypeError(f"budget must be bytes (int), a size such as '4GiB', or None; got {budget!r}")
+    try:
+        nbytes = parse_bytes(budget)
+    except (ValueError, OverflowError):
+        raise ValueError(f"budget={budget!r} is not a size; pass bytes (int) or e.g. '500MB', '4GiB', or None") from None
+    if nbytes is None or nbytes <= 0:
+        raise ValueError(f"budget={budget!r} must be a positive size (e.g. '4GiB'), or None for no limit")
+    return nbytes
+
+
+def _check_store_dtype(store_dtype: Any) -> torch.dtype | None:
+    if store_dtype is None:
+        return None
+    if not isinstance(store_dtype, torch.dtype):
+        raise TypeError(f"store_dtype must be a torch floating dtype such as torch.float16, got {store_dtype!r}")
+    if not store_dtype.is_floating_point:
+        # An integer (or bool, complex) copy would truncate activations silently.
+        raise ValueError(f"store_dtype={store_dtype} is not a real floating dtype; pass torch.float16, "
+                         "torch.bfloat16 or torch.float32 (or None to keep the activations' own dtype)")
+    return store_dtype
+
+
 def capture(
     target: Any,
     sites: Site | str | Iterable[Site | str],
@@ -338,30 +495,52 @@ def capture(
 ) -> Capture:
     """Record activations at ``sites`` for everything run inside the returned context manager.
 
+    Only forwards run in the thread (context) that entered the block are recorded; a second capture of
+    the same network inside the block is refused (:class:`CaptureConflictError`).
+
     Args:
         target: a :class:`~interp.Denoiser`, a diffusers pipeline, or the U-Net module itself.
         sites: :class:`~interp.Site` objects or path/glob strings (``"*.attn2"``).
         store: ``"memory"``, a folder to stream safetensors shards into, or an ActivationStore.
-        budget: memory budget for captured tensors (bytes or ``"4GiB"``); ``None`` for no limit.
+        budget: memory budget for captured tensors (bytes > 0 or ``"4GiB"``); ``None`` for no limit.
         on_over_budget: ``"stream"`` spills to disk (``spill_dir`` or a temp folder); ``"raise"`` refuses.
         cfg: CFG shape of calls not announced by a Denoiser (raw pipeline / U-Net calls):
             ``"batched"`` = ``[uncond; cond]`` halves, ``"separate"`` = alternating calls, ``None`` = auto
             (batched for a pipeline running CFG, else one ``cond`` branch).
         count_steps: number unannounced calls as steps (default: True for pipelines).
-        store_dtype: store activations in this dtype (e.g. ``torch.float16`` to halve the bytes).
+        store_dtype: store activations in this floating dtype (e.g. ``torch.float16`` to halve the bytes).
         plan: a :func:`plan_capture` estimate: the budget is then checked *before* anything runs.
         metadata: saved with the store (model, seed, ...).
 
     Returns:
         A :class:`Capture`; after the ``with`` block, ``cap.store`` holds ``(B, ...)`` CPU tensors keyed by
-        :class:`~interp.store.ActivationKey` (site, step, branch, call).
+        :class:`~interp.store.ActivationKey` (site, step, branch, call). If the block raised, the store
+        keeps what was captured and is marked partial (``store.complete`` False, ``store.aborted``).
+
+    Raises:
+        ValueError / TypeError: a bad argument (named in the message), before anything runs.
+        SiteSelectionError: on leaving the block, when a site's ``steps``/``branch`` matched no call that ran
+            (raised after the store is saved, so nothing captured is lost).
     """
     from interp.metadata import version
 
+    if on_over_budget not in ("stream", "raise"):
+        raise ValueError(f"on_over_budget must be 'stream' (spill to disk) or 'raise', got {on_over_budget!r}")
+    if cfg not in ("batched", "separate", None):
+        raise ValueError(f"cfg must be 'batched', 'separate' or None (auto), got {cfg!r}")
+    if count_steps is not None and not isinstance(count_steps, bool):
+        raise TypeError(f"count_steps must be True, False or None (auto), got {count_steps!r}")
+    if plan is not None and not isinstance(plan, CapturePlan):
+        raise TypeError(f"plan must be a CapturePlan from plan_capture(...), got {type(plan).__name__}")
+    if not isinstance(store, (ActivationStore, str, Path)):
+        raise TypeError(f"store must be 'memory', a folder path or an ActivationStore, got {type(store).__name__}")
+    nbytes = _check_budget(budget)
+    store_dtype = _check_store_dtype(store_dtype)
+    site_list = as_sites(sites)
     meta = {"scorescope_version": version(), **(metadata or {})}
     if hasattr(target, "metadata") and callable(target.metadata):
         meta = {**target.metadata(), **meta}
-    meta["sites"] = [s.path for s in as_sites(sites)]
+    meta["sites"] = [s.path for s in site_list]
     if isinstance(store, ActivationStore):
         st = store
     elif store == "memory":
@@ -372,9 +551,9 @@ def capture(
         count_steps = not isinstance(target, nn.Module) and not hasattr(target, "predict")
     return Capture(
         target=target,
-        sites=as_sites(sites),
+        sites=site_list,
         store=st,
-        budget=parse_bytes(budget),
+        budget=nbytes,
         on_over_budget=on_over_budget,
         spill_dir=Path(spill_dir) if spill_dir else None,
         cfg=cfg,
@@ -426,13 +605,47 @@ class _StopForward(Exception):
     """Raised by a hook to end a forward pass once every wanted activation has been read."""
 
 
+_NEW_CALL = "{fn}(den, {site}, cond, x_t=x_t, timestep=t)"
+
+
+def _read_args(
+    fn: str, site: str, cond: Any, legacy: tuple[Any, ...], x_t: Tensor | None, t: Any, timestep: Any
+) -> tuple[Any, Tensor, Any, Any]:
+    """``(cond, x_t, t, timestep)`` of a read call, accepting the deprecated ``(x_t, t, cond)`` positional order.
+
+    The old call ``fn(den, site, x_t, t, cond)`` took ``t`` as the raw scheduler timestep; it is recognised by a
+    Tensor in the ``cond`` position followed by two more positional arguments.
+    """
+    if isinstance(cond, Tensor):
+        if len(legacy) != 2 or x_t is not None or t is not None or timestep is not None:
+            raise TypeError(
+                f"{fn}: cond must be a Conditioning, got a Tensor; call {_NEW_CALL.format(fn=fn, site=site)} "
+                "(or t= for a noise fraction in [0, 1])"
+            )
+        warnings.warn(
+            f"{fn}(den, {site}, x_t, t, cond) is deprecated (its t was the raw scheduler timestep); call "
+            f"{_NEW_CALL.format(fn=fn, site=site)}, or t= with a noise fraction in [0, 1]",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        x_t, timestep, cond = cond, legacy[0], legacy[1]
+        return cond, x_t, None, timestep
+    if legacy:
+        raise TypeError(f"{fn} takes (den, {site}, cond) positionally and x_t=, t= or timestep= by keyword; "
+                        f"got {len(legacy)} extra positional argument(s)")
+    if x_t is None:
+        raise TypeError(f"{fn} needs x_t= (the noisy input, (B, C, H, W)); call {_NEW_CALL.format(fn=fn, site=site)}")
+    return cond, x_t, t, timestep
+
+
 def read_activations(
-    denoiser: Any,
+    den: Any,
     sites: Sequence[str],
-    x_t: Tensor,
-    t: Tensor | float | int,
-    cond: Any,
-    *,
+    cond: Any = None,
+    *legacy: Any,
+    x_t: Tensor | None = None,
+    t: float | None = None,
+    timestep: Tensor | float | int | None = None,
     branch: Literal["cond", "uncond"] = "cond",
     stop_early: bool = True,
 ) -> dict[str, Tensor]:
@@ -440,8 +653,31 @@ def read_activations(
 
     Nothing is detached, so this composes with ``torch.autograd`` and ``torch.func`` (vjp, jvp, vmap). With
     ``stop_early`` the forward pass ends right after the last wanted module runs.
+
+    Args:
+        den: the Denoiser.
+        sites: exact module paths (a glob must match exactly one module).
+        cond: the conditioning of the call.
+        x_t: noisy input ``(B, C, H, W)``.
+        t: noise fraction in ``[0, 1]``, or
+        timestep: the scheduler's training timestep (exactly one of ``t`` / ``timestep``).
+        branch: CFG branch the call is labelled with (``"cond"`` / ``"uncond"``).
+
+    The old positional form ``read_activations(den, sites, x_t, timestep, cond)`` still works for one release,
+    with a ``DeprecationWarning``.
     """
-    unet = unet_of(denoiser)
+    from interp.inputs import resolve_timestep
+
+    cond, x_t, t, timestep = _read_args("read_activations", "sites", cond, legacy, x_t, t, timestep)
+    return _read(den, sites, cond, x_t, resolve_timestep(den, t=t, timestep=timestep), branch, stop_early)
+
+
+def _read(den: Any, sites: Sequence[str], cond: Any, x_t: Tensor, ts: Tensor, branch: str, stop_early: bool) -> dict[str, Tensor]:
+    if isinstance(sites, str):
+        raise TypeError(f"sites must be a list of module paths, got the string {sites!r}; pass [{sites!r}]")
+    if branch not in ("cond", "uncond"):
+        raise ValueError(f"branch must be 'cond' or 'uncond' (a U-Net call's branch), got {branch!r}")
+    unet = unet_of(den)
     modules: dict[str, nn.Module] = {}
     for pattern in sites:
         hits = resolve_paths(unet, pattern)
@@ -463,7 +699,7 @@ def read_activations(
         for path, module in modules.items():
             hooks.forward(module, hook_for(path))
         try:
-            denoiser.predict(x_t, t, cond, branch=branch)
+            den.predict(x_t, ts, cond, branch=branch)
         except _StopForward:
             pass
     missing = [p for p in modules if p not in box]
@@ -473,7 +709,22 @@ def read_activations(
 
 
 def read_activation(
-    denoiser: Any, site: str, x_t: Tensor, t: Tensor | float | int, cond: Any, *, branch: Literal["cond", "uncond"] = "cond"
+    den: Any,
+    site: str,
+    cond: Any = None,
+    *legacy: Any,
+    x_t: Tensor | None = None,
+    t: float | None = None,
+    timestep: Tensor | float | int | None = None,
+    branch: Literal["cond", "uncond"] = "cond",
 ) -> Tensor:
-    """The differentiable output of the one module at ``site`` (see :func:`read_activations`)."""
-    return next(iter(read_activations(denoiser, [site], x_t, t, cond, branch=branch).values()))
+    """The differentiable output ``(B, ...)`` of the one module at ``site`` (see :func:`read_activations`).
+
+    ``read_activation(den, site, cond, x_t=x_t, t=0.5)`` (noise fraction) or ``..., timestep=500)``. The old
+    ``read_activation(den, site, x_t, timestep, cond)`` still works for one release, with a ``DeprecationWarning``.
+    """
+    from interp.inputs import resolve_timestep
+
+    cond, x_t, t, timestep = _read_args("read_activation", "site", cond, legacy, x_t, t, timestep)
+    ts = resolve_timestep(den, t=t, timestep=timestep)
+    return next(iter(_read(den, [site], cond, x_t, ts, branch, True).values()))

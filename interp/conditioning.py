@@ -20,13 +20,49 @@ Batching pads token sequences to a common length and returns a boolean attention
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from interp.validation import check_finite
+from interp.validation import check_finite, check_locations
+
+
+def _check_index(j: object, k: int, arg: str = "j") -> int:
+    """``j`` as an int in ``[0, k)``; TypeError for a non-integer, IndexError (naming ``arg``) out of range."""
+    if isinstance(j, bool):  # bool is an int subclass: only(True) is a bug, not only(1)
+        raise TypeError(f"{arg} must be a conditioner index (int), got the bool {j!r}")
+    try:
+        i = operator.index(j)
+    except TypeError:
+        raise TypeError(f"{arg} must be a conditioner index (int), got {type(j).__name__} {j!r}") from None
+    if not 0 <= i < k:
+        valid = f"0..{k - 1}" if k else "none: it holds no conditioner"
+        raise IndexError(f"{arg}={i} out of range for a conditioning with {k} conditioners (valid: {valid})")
+    return i
+
+
+def _check_tokens(name: str, tokens: object, dim: int | None = None, *, finite: bool = True) -> None:
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (L, D), got {type(tokens).__name__}")
+    if tokens.dim() != 2:
+        raise ValueError(f"{name} must be (L, D), got shape {tuple(tokens.shape)}")
+    if not tokens.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {tokens.dtype}; use {name.split('.')[-1]}.float()")
+    if dim is not None and tokens.shape[1] != dim:
+        raise ValueError(f"{name} have width {tokens.shape[1]} but the conditioning's tokens have width {dim}")
+    if finite:
+        check_finite(name, tokens)  # skipped inside torch.func transforms
+
+
+def _check_added(name: str, added: object) -> None:
+    if not isinstance(added, Mapping):
+        raise TypeError(f"{name} must be a mapping of name -> tensor, got {type(added).__name__}")
+    for key, value in added.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name}[{key!r}] must be a tensor, got {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -56,21 +92,55 @@ class Conditioning:
     attributes: Mapping[str, tuple] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.tokens.dim() != 2:
-            raise ValueError(f"Conditioning.tokens must be (L, D), got shape {tuple(self.tokens.shape)}")
+        _check_tokens("Conditioning.tokens", self.tokens)
+        # labels: a bare string would silently count one conditioner per character.
+        if isinstance(self.labels, str) or not isinstance(self.labels, Sequence):
+            raise TypeError(
+                f"Conditioning.labels must be a sequence of names, one per conditioner, got {type(self.labels).__name__}"
+                + (f"; for one conditioner pass ({self.labels!r},)" if isinstance(self.labels, str) else "")
+            )
+        if not all(isinstance(lab, str) for lab in self.labels):
+            raise TypeError(f"Conditioning.labels must be strings, got {[type(lab).__name__ for lab in self.labels]}")
+        object.__setattr__(self, "labels", tuple(self.labels))  # frozen: normalise a list to a tuple once
+        k = len(self.labels)
+        if not isinstance(self.owner, Tensor):
+            raise TypeError(f"Conditioning.owner must be a torch.Tensor (L,), got {type(self.owner).__name__}")
+        if self.owner.dtype == torch.bool or self.owner.is_floating_point() or self.owner.is_complex():
+            # a bool owner would index by mask in drop/only instead of by conditioner
+            raise TypeError(f"Conditioning.owner must be an integer tensor (int64), got {self.owner.dtype}; use owner.long()")
         if self.owner.shape != self.tokens.shape[:1]:
             raise ValueError(
                 f"Conditioning.owner must be (L,) = ({self.tokens.shape[0]},), got {tuple(self.owner.shape)}"
             )
-        check_finite("Conditioning.tokens", self.tokens)  # skipped inside torch.func transforms
-        k = len(self.labels)
         if self.owner.numel() and (self.owner.max().item() >= k or self.owner.min().item() < -1):
             raise ValueError(f"Conditioning.owner values must lie in [-1, {k - 1}] for {k} labelled conditioners")
-        if self.locations is not None and tuple(self.locations.shape) != (k, 2):
-            raise ValueError(f"Conditioning.locations must be ({k}, 2), got {tuple(self.locations.shape)}")
+        owned = torch.bincount(self.owner[self.owner >= 0].long().cpu(), minlength=k) if k else torch.zeros(0)
+        if k and (owned == 0).any():
+            empty = torch.nonzero(owned == 0).flatten().tolist()
+            raise ValueError(
+                f"Conditioning.owner gives conditioner(s) {empty} ({[self.labels[j] for j in empty]}) no token; "
+                "every labelled conditioner must own at least one token"
+            )
+        if self.locations is not None:
+            if not isinstance(self.locations, Tensor):
+                raise TypeError(f"Conditioning.locations must be a (k, 2) tensor or None, got {type(self.locations).__name__}")
+            if tuple(self.locations.shape) != (k, 2):
+                raise ValueError(f"Conditioning.locations must be ({k}, 2), got {tuple(self.locations.shape)}")
+            check_locations("Conditioning.locations", self.locations)
+        _check_added("Conditioning.added", self.added)
+        if self.null_tokens is not None:
+            _check_tokens("Conditioning.null_tokens", self.null_tokens, dim=self.tokens.shape[1])
+        if self.null_added is not None:
+            _check_added("Conditioning.null_added", self.null_added)
+            if set(self.null_added) != set(self.added):
+                raise ValueError(
+                    f"Conditioning.null_added has keys {sorted(self.null_added)} but added has {sorted(self.added)}; "
+                    "the null condition must carry the same extra inputs"
+                )
         for name, values in self.attributes.items():
-            if len(values) != k:
-                raise ValueError(f"attribute {name!r} has {len(values)} values for {k} conditioners")
+            if isinstance(values, str) or len(values) != k:
+                n = "a string" if isinstance(values, str) else f"{len(values)} values"
+                raise ValueError(f"attribute {name!r} has {n} for {k} conditioners; pass one value per conditioner")
 
     # ------------------------------------------------------------------ views
     @property
@@ -92,8 +162,8 @@ class Conditioning:
         return self.k == 0
 
     def token_indices(self, j: int) -> Tensor:
-        """Positions of conditioner ``j``'s tokens in :attr:`tokens`."""
-        self._check_index(j)
+        """``(n_j,)`` positions of conditioner ``j``'s tokens in :attr:`tokens`."""
+        j = _check_index(j, self.k)
         return torch.nonzero(self.owner == j).flatten()
 
     def span(self, j: int) -> tuple[int, int]:
@@ -102,10 +172,6 @@ class Conditioning:
         return int(idx.min()), int(idx.max()) + 1
 
     # ------------------------------------------------------------ set algebra
-    def _check_index(self, j: int) -> None:
-        if not isinstance(j, int) or not 0 <= j < self.k:
-            raise IndexError(f"conditioner index {j!r} out of range for a conditioning with {self.k} conditioners")
-
     def _keep(self, keep_cond: Sequence[int]) -> Conditioning:
         keep_cond = list(keep_cond)
         remap = torch.full((self.k + 1,), -2, dtype=torch.long)
@@ -127,19 +193,24 @@ class Conditioning:
 
     def drop(self, j: int) -> Conditioning:
         """The same conditioning without conditioner ``j`` (remaining conditioners are renumbered)."""
-        self._check_index(j)
+        j = _check_index(j, self.k)
         return self._keep([i for i in range(self.k) if i != j])
 
     def only(self, j: int) -> Conditioning:
         """The context tokens plus conditioner ``j`` alone."""
-        self._check_index(j)
+        j = _check_index(j, self.k)
         return self._keep([j])
 
     def subset(self, js: Sequence[int]) -> Conditioning:
-        """The context tokens plus the conditioners ``js`` (in that order)."""
-        for j in js:
-            self._check_index(j)
-        return self._keep(js)
+        """The context tokens plus the conditioners ``js`` (in that order; ``[]`` gives the null condition)."""
+        if isinstance(js, (str, bytes)) or not isinstance(js, (Sequence, Tensor, range)):
+            hint = f"; for one conditioner use only({js!r}) or subset([{js!r}])" if isinstance(js, int) else ""
+            raise TypeError(f"js must be a sequence of conditioner indices, got {type(js).__name__}{hint}")
+        keep = [_check_index(j, self.k, arg="js") for j in (js.tolist() if isinstance(js, Tensor) else js)]
+        if len(set(keep)) != len(keep):
+            dup = sorted({j for j in keep if keep.count(j) > 1})
+            raise ValueError(f"js lists conditioner(s) {dup} more than once: {keep}; each may appear once")
+        return self._keep(keep)
 
     def null(self) -> Conditioning:
         """The model's null condition (no conditioner)."""
@@ -159,6 +230,8 @@ class Conditioning:
 
     def with_tokens(self, tokens: Tensor) -> Conditioning:
         """A copy with replaced token embeddings of the same shape (e.g. perturbed for a JVP)."""
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"tokens must be a torch.Tensor {tuple(self.tokens.shape)}, got {type(tokens).__name__}")
         if tokens.shape != self.tokens.shape:
             raise ValueError(f"replacement tokens must have shape {tuple(self.tokens.shape)}, got {tuple(tokens.shape)}")
         return Conditioning(
@@ -204,19 +277,37 @@ class Conditioning:
     ) -> Conditioning:
         """Build from context tokens ``(L0, D)`` and one ``(n_j, D)`` token group per conditioner.
 
-        The context tokens come first (e.g. CLEVR's learned null token), then each conditioner's group.
+        The context tokens come first (e.g. CLEVR's learned null token), then each conditioner's group
+        (a ``(D,)`` group is one token). ``locations`` ``(k, 2)`` keep a floating tensor's dtype (float64 stays
+        float64, as probes measure distances with it); sequences become float32.
         """
-        groups = [g if g.dim() == 2 else g.unsqueeze(0) for g in conditioner_tokens]
+        _check_tokens("context", context, finite=False)  # values are checked once, as Conditioning.tokens
+        if isinstance(conditioner_tokens, Tensor) and conditioner_tokens.dim() == 2:
+            # iterating a (k, D) tensor would silently work, but a (n, D) group for ONE conditioner would not
+            raise TypeError(
+                "conditioner_tokens must be a list with one (n_j, D) or (D,) tensor per conditioner, got one 2-D "
+                "tensor; use list(tokens.unbind(0)) for one token per conditioner"
+            )
+        groups = []
+        for j, g in enumerate(conditioner_tokens):
+            if not isinstance(g, Tensor) or g.dim() not in (1, 2) or g.shape[-1] != context.shape[1] or g.dim() == 2 and g.shape[0] == 0:
+                shape = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+                raise ValueError(
+                    f"conditioner_tokens[{j}] must be (n_j, {context.shape[1]}) with n_j >= 1 or ({context.shape[1]},), got {shape}"
+                )
+            groups.append(g if g.dim() == 2 else g.unsqueeze(0))
         tokens = torch.cat([context, *groups], dim=0) if groups else context
         owner = torch.cat(
             [torch.full((context.shape[0],), -1, dtype=torch.long)]
             + [torch.full((g.shape[0],), j, dtype=torch.long) for j, g in enumerate(groups)]
         )
+        if isinstance(labels, str):
+            raise TypeError(f"labels must be a list of names, one per conditioner, got the string {labels!r}; pass [{labels!r}]")
         labels = tuple(labels) if labels is not None else tuple(f"c{j}" for j in range(len(groups)))
         if len(labels) != len(groups):
-            raise ValueError(f"{len(labels)} labels for {len(groups)} conditioners")
+            raise ValueError(f"{len(labels)} labels for {len(groups)} conditioners: pass one label per conditioner")
         if locations is not None:
-            locations = torch.as_tensor(locations, dtype=torch.float32).reshape(-1, 2)
+            locations = _as_locations(locations)
         return Conditioning(
             tokens=tokens,
             owner=owner,
@@ -225,6 +316,24 @@ class Conditioning:
             null_tokens=null_tokens,
             attributes={k: tuple(v) for k, v in (attributes or {}).items()},
         )
+
+
+def _as_locations(locations: Tensor | Sequence[Sequence[float]]) -> Tensor:
+    """``(k, 2)`` locations as a floating tensor, keeping a floating tensor's own dtype (float64 stays float64).
+
+    Sequences and integer tensors become the default float dtype (float32). The shape is not reshaped:
+    a flat ``[x, y]`` is an error, not one location, so a missing bracket cannot pair the wrong numbers.
+    """
+    loc = locations if isinstance(locations, Tensor) else torch.as_tensor(locations)
+    if not loc.is_floating_point():
+        if loc.dtype == torch.bool or loc.is_complex():
+            raise TypeError(f"locations must be real (x, y) numbers, got {loc.dtype}")
+        loc = loc.to(torch.get_default_dtype())
+    if loc.numel() == 0 and loc.dim() == 1:
+        loc = loc.reshape(0, 2)
+    if loc.dim() != 2 or loc.shape[1] != 2:
+        raise ValueError(f"locations must be (k, 2) normalised (x, y) pairs, got shape {tuple(loc.shape)}")
+    return loc
 
 
 @dataclass(frozen=True)
@@ -240,6 +349,25 @@ class ConditioningBatch:
     tokens: Tensor
     mask: Tensor
     added: dict[str, Tensor]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tokens, Tensor) or self.tokens.dim() != 3:
+            shape = tuple(self.tokens.shape) if isinstance(self.tokens, Tensor) else type(self.tokens).__name__
+            raise ValueError(f"ConditioningBatch.tokens must be (B, L, D), got {shape}")
+        if not isinstance(self.mask, Tensor) or self.mask.dtype != torch.bool:
+            kind = self.mask.dtype if isinstance(self.mask, Tensor) else type(self.mask).__name__
+            raise TypeError(f"ConditioningBatch.mask must be a bool tensor (True = attended), got {kind}; use mask.bool()")
+        if self.mask.shape != self.tokens.shape[:2]:
+            raise ValueError(
+                f"ConditioningBatch.mask must be (B, L) = {tuple(self.tokens.shape[:2])}, got {tuple(self.mask.shape)}"
+            )
+        _check_added("ConditioningBatch.added", self.added)
+        for key, value in self.added.items():
+            if value.dim() == 0 or value.shape[0] != self.tokens.shape[0]:
+                raise ValueError(
+                    f"ConditioningBatch.added[{key!r}] must have the batch size {self.tokens.shape[0]} first, "
+                    f"got shape {tuple(value.shape)}"
+                )
 
     @property
     def batch_size(self) -> int:

@@ -1,14 +1,19 @@
-"""The Denoiser: a diffusion network plus everything needed to call it as a function of (x_t, t, c).
+"""The Denoiser: a diffusion network plus everything needed to call it as a function of (x_t, timestep, c).
 
 ``Denoiser`` wraps any ``nn.Module`` with the ``UNet2DConditionModel`` call signature
 (``module(sample, timestep, encoder_hidden_states, ...)``) — SDXL's U-Net, the CLEVR U-Nets, or a
 hand-made analytic model — together with a diffusers scheduler that fixes the noise schedule. Probes and
 interventions only ever see this one interface:
 
-* ``denoiser(x_t, t, cond)`` — the network's prediction (ε, v or x₀, whatever it was trained for),
+* ``den(x_t, timestep, cond)`` — the network's prediction (ε, v or x₀, whatever it was trained for),
   classifier-free-guided if a guidance scale is set;
-* ``denoiser.branches(x_t, t, cond)`` — the ``uncond`` / ``cond`` / ``guided`` predictions, labelled;
-* ``denoiser.score(x_t, t, cond)`` — the score ∇ log p_t(x_t | c) = −ε̂ / σ_t, whatever the parameterisation.
+* ``den.branches(x_t, timestep, cond)`` — the ``uncond`` / ``cond`` / ``guided`` predictions, labelled;
+* ``den.score(x_t, timestep, cond)`` — the score ∇ log p_t(x_t | c) = −ε̂ / σ_t, whatever the parameterisation.
+
+These low-level calls take the scheduler's **training timestep** (``0 … num_train_timesteps − 1``); a noise
+fraction ``t ∈ [0, 1]`` converts with ``den.timestep(t)``. Timesteps are checked on every call (range, NaN,
+and a value in ``(0, 1)`` that looks like a fraction), from plain values, so the check also holds when the
+call sits inside a ``torch.func`` transform over ``x_t`` or the tokens.
 
 Coordinates: ``x_t`` is the network's own input, i.e. the variance-preserving sample
 ``x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε`` (Euler-type samplers scale their state into this space before calling it).
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -29,11 +35,64 @@ from torch import Tensor, nn
 
 from interp.conditioning import Conditioning, ConditioningBatch
 from interp.context import batched_cfg_branches, current_call, unet_call
-from interp.validation import check_finite
+from interp.validation import check_finite, check_guidance_scale, check_timesteps
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 Branch = Literal["uncond", "cond", "guided"]
 CondLike = Conditioning | Sequence[Conditioning] | ConditioningBatch
+Timestep = Tensor | float | int
+
+#: The positional parameters every wrapped network's ``forward`` must take, in this order.
+_REQUIRED_POSITIONAL = ("sample", "timestep", "encoder_hidden_states")
+
+
+def config_view(config: Any) -> Mapping[str, Any]:
+    """A read-only ``Mapping`` view of a network's ``config``, whatever form it takes.
+
+    diffusers configs are ``FrozenDict`` (a Mapping) and pass through; plain dicts pass through;
+    attribute-style configs (``types.SimpleNamespace``, dataclasses, plain objects) are viewed through
+    ``vars()`` — a live view, so later attribute changes show; objects with ``to_dict()`` (transformers'
+    ``PretrainedConfig``) use it; ``None`` gives an empty mapping.
+    """
+    if config is None:
+        return MappingProxyType({})
+    if isinstance(config, Mapping):
+        return config
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict):
+        out = to_dict()
+        if isinstance(out, Mapping):
+            return MappingProxyType(dict(out))
+    try:
+        return MappingProxyType(vars(config))
+    except TypeError:
+        raise TypeError(
+            f"the network's config is a {type(config).__name__}, which is neither a mapping nor an object with "
+            "attributes; give the module a dict config (or none)"
+        ) from None
+
+
+def _check_forward_signature(unet: nn.Module) -> inspect.Signature:
+    """The signature of ``unet.forward``, refused unless it takes ``(sample, timestep, encoder_hidden_states)``."""
+    try:
+        sig = inspect.signature(unet.forward)
+    except (TypeError, ValueError):  # builtins / C extensions without a signature: nothing to check
+        return inspect.Signature(
+            [inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL), inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+        )
+    params = list(sig.parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return sig
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < len(_REQUIRED_POSITIONAL):
+        missing = _REQUIRED_POSITIONAL[len(positional):]
+        have = ", ".join(p.name for p in positional) or "nothing"
+        raise TypeError(
+            f"{type(unet).__name__}.forward takes ({have}) but the Denoiser calls it as "
+            f"forward(sample, timestep, encoder_hidden_states, ...): missing parameter(s) {', '.join(missing)}. "
+            "Wrap the network in a module with the UNet2DConditionModel call signature"
+        )
+    return sig
 
 
 def _scheduler_from(scheduler: Any) -> Any:
@@ -51,7 +110,7 @@ def _scheduler_from(scheduler: Any) -> Any:
 
 
 class Denoiser:
-    """Call a diffusion network as ``D(x_t, t, c)`` and convert its output to a score.
+    """Call a diffusion network as ``D(x_t, timestep, c)`` and convert its output to a score.
 
     Args:
         unet: any module with the ``UNet2DConditionModel`` call signature.
@@ -77,17 +136,20 @@ class Denoiser:
             raise TypeError(f"Denoiser wraps an nn.Module, got {type(unet).__name__}")
         if cfg_mode not in ("batched", "separate"):
             raise ValueError(f"cfg_mode must be 'batched' or 'separate', got {cfg_mode!r}")
+        params = _check_forward_signature(unet).parameters
+        config_view(getattr(unet, "config", None))  # refuse an unreadable config now, not at first use
         self.unet = unet
         self.scheduler = _scheduler_from(scheduler)
-        self.prediction_type: PredictionType = prediction_type or self.scheduler.config.get(
+        self.prediction_type: PredictionType = prediction_type or config_view(self.scheduler.config).get(
             "prediction_type", "epsilon"
         )
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
-        self.guidance_scale = guidance_scale
+            raise ValueError(
+                f"unsupported prediction_type {self.prediction_type!r}; use 'epsilon', 'v_prediction' or 'sample'"
+            )
+        self.guidance_scale = check_guidance_scale(guidance_scale)
         self.cfg_mode = cfg_mode
         self.name = name or type(unet).__name__
-        params = inspect.signature(unet.forward).parameters
         self._accepts = set(params)
         self._var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         alphas = getattr(self.scheduler, "alphas_cumprod", None)
@@ -98,8 +160,11 @@ class Denoiser:
     # ----------------------------------------------------------------- model facts
     @property
     def config(self) -> Mapping[str, Any]:
-        """The wrapped network's config (empty for modules without one)."""
-        return getattr(self.unet, "config", {}) or {}
+        """The wrapped network's config as a read-only Mapping (empty for modules without one).
+
+        Works for diffusers' ``FrozenDict``, plain dicts and attribute-style configs (see :func:`config_view`).
+        """
+        return config_view(getattr(self.unet, "config", None))
 
     @property
     def device(self) -> torch.device:
@@ -122,33 +187,46 @@ class Denoiser:
 
     @property
     def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
+        return int(config_view(self.scheduler.config)["num_train_timesteps"])
 
     def timestep(self, fraction: float | Sequence[float] | Tensor) -> Tensor:
-        """Training timestep(s) at ``fraction`` ∈ [0, 1] of the schedule (0 = clean, 1 = pure noise)."""
+        """Training timestep(s) at noise ``fraction`` ∈ [0, 1] of the schedule (0 = clean, 1 = pure noise).
+
+        Returns a long tensor of ``fraction``'s shape (0-d for a number), rounded to the nearest timestep.
+        """
+        if isinstance(fraction, bool):
+            raise TypeError(f"fraction must be a noise fraction in [0, 1], got the bool {fraction!r}")
         f = torch.as_tensor(fraction, dtype=torch.float64)
+        if not torch.isfinite(f).all():
+            raise ValueError(f"fraction must be a noise fraction in [0, 1], got NaN or Inf: {f.flatten()[:8].tolist()}")
         if (f < 0).any() or (f > 1).any():
-            raise ValueError(f"noise fractions must lie in [0, 1], got {f.tolist()}")
+            raise ValueError(f"fraction (noise fraction) must lie in [0, 1], got {f.flatten()[:8].tolist()}")
         return torch.round(f * (self.num_train_timesteps - 1)).long()
 
-    def alpha_bar(self, t: Tensor | float | int) -> Tensor:
-        """ᾱ_t, linearly interpolated for non-integer timesteps; float64 of ``t``'s shape."""
-        t = torch.as_tensor(t, dtype=torch.float64).cpu()
+    def alpha_bar(self, timestep: Timestep) -> Tensor:
+        """ᾱ at training ``timestep`` (scalar or ``(B,)``), linearly interpolated between integer timesteps.
+
+        Returns float64 of ``timestep``'s shape, on CPU. Unlike the network calls, any value in
+        ``[0, T − 1]`` is accepted here: interpolating ᾱ at a fractional timestep is well defined.
+        """
+        ts = torch.as_tensor(timestep, dtype=torch.float64).cpu()
         T = self.alphas_cumprod.shape[0]
-        if (t < 0).any() or (t > T - 1).any():
-            raise ValueError(f"timesteps must lie in [0, {T - 1}], got {t.flatten()[:8].tolist()}")
-        lo = t.floor().long().clamp(max=T - 1)
+        if not torch.isfinite(ts).all():
+            raise ValueError(f"timestep contains NaN or Inf: {ts.flatten()[:8].tolist()}")
+        if (ts < 0).any() or (ts > T - 1).any():
+            raise ValueError(f"timesteps must lie in [0, {T - 1}], got {ts.flatten()[:8].tolist()}")
+        lo = ts.floor().long().clamp(max=T - 1)
         hi = (lo + 1).clamp(max=T - 1)
-        w = t - lo
+        w = ts - lo
         return (1 - w) * self.alphas_cumprod[lo] + w * self.alphas_cumprod[hi]
 
-    def sigma(self, t: Tensor | float | int) -> Tensor:
-        """Noise std of the VP sample, σ_t = √(1 − ᾱ_t)."""
-        return (1 - self.alpha_bar(t)).sqrt()
+    def sigma(self, timestep: Timestep) -> Tensor:
+        """Noise std of the VP sample at training ``timestep``, σ = √(1 − ᾱ); float64 of its shape."""
+        return (1 - self.alpha_bar(timestep)).sqrt()
 
-    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | float | int) -> Tensor:
-        """Forward process: ``x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε`` (``t`` scalar or ``(B,)``)."""
-        ab = self._per_sample(self.alpha_bar(t), x0)
+    def add_noise(self, x0: Tensor, noise: Tensor, timestep: Timestep) -> Tensor:
+        """Forward process: ``x_t = √ᾱ x₀ + √(1−ᾱ) ε`` at training ``timestep`` (scalar or ``(B,)``); ``x0``'s shape."""
+        ab = self._per_sample(self.alpha_bar(timestep), x0)
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
     @staticmethod
@@ -159,7 +237,7 @@ class Denoiser:
         return values.reshape(-1, *([1] * (like.dim() - 1)))
 
     # ----------------------------------------------------------------- validation
-    def _check_inputs(self, x_t: Tensor, t: Tensor) -> None:
+    def _check_inputs(self, x_t: Tensor, timestep: Tensor) -> None:
         if not isinstance(x_t, Tensor):
             raise TypeError(f"x_t must be a torch.Tensor, got {type(x_t).__name__}")
         if x_t.dim() != 4:
@@ -174,8 +252,8 @@ class Denoiser:
         if x_t.device != self.device:
             raise ValueError(f"x_t is on {x_t.device} but {self.name} is on {self.device}: use x_t.to({str(self.device)!r})")
         check_finite("x_t", x_t)
-        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, x_t.shape[0])):
-            raise ValueError(f"t must be a scalar or ({x_t.shape[0]},), got shape {tuple(t.shape)}")
+        if timestep.dim() > 1 or (timestep.dim() == 1 and timestep.shape[0] not in (1, x_t.shape[0])):
+            raise ValueError(f"timestep must be a scalar or ({x_t.shape[0]},), got shape {tuple(timestep.shape)}")
 
     def _batch_cond(self, cond: CondLike | None, batch: int) -> ConditioningBatch:
         if cond is None:
@@ -201,33 +279,49 @@ class Denoiser:
         return cb
 
     # ----------------------------------------------------------------- calls
-    def _call_unet(self, x: Tensor, t: Tensor, cb: ConditioningBatch) -> Tensor:
+    def _accepts_kw(self, name: str) -> bool:
+        return name in self._accepts or self._var_kw
+
+    def _call_unet(self, x: Tensor, timestep: Tensor, cb: ConditioningBatch) -> Tensor:
         kwargs: dict[str, Any] = {}
         if not bool(cb.mask.all()):
+            if not self._accepts_kw("encoder_attention_mask"):
+                raise TypeError(
+                    f"{self.name}.forward has no encoder_attention_mask parameter, so it cannot take conditionings "
+                    "of different lengths in one batch; call once per conditioning (or add the parameter)"
+                )
             kwargs["encoder_attention_mask"] = cb.mask
         if cb.added:
+            if not self._accepts_kw("added_cond_kwargs"):
+                raise TypeError(
+                    f"the conditioning carries added inputs {sorted(cb.added)} but {self.name}.forward has no "
+                    "added_cond_kwargs parameter; use a conditioning built for this model"
+                )
             kwargs["added_cond_kwargs"] = {k: v.to(self.dtype) for k, v in cb.added.items()}
-        if "return_dict" in self._accepts or self._var_kw:
+        if self._accepts_kw("return_dict"):
             kwargs["return_dict"] = False
-        out = self.unet(x.to(self.dtype), t, cb.tokens.to(self.dtype), **kwargs)
+        out = self.unet(x.to(self.dtype), timestep, cb.tokens.to(self.dtype), **kwargs)
         if isinstance(out, (tuple, list)):
             out = out[0]
         elif not isinstance(out, Tensor):
             out = out.sample
         return out
 
-    def _timesteps(self, t: Tensor | float | int, batch: int) -> Tensor:
-        t = torch.as_tensor(t, device=self.device)
-        if t.dim() == 1 and t.shape[0] == 1:
-            t = t[0]
-        return t
+    def _timesteps(self, timestep: Timestep) -> Tensor:
+        """Check ``timestep`` (from its plain values, see :func:`check_timesteps`) and put it on the device."""
+        check_timesteps(timestep, self.num_train_timesteps)
+        ts = torch.as_tensor(timestep, device=self.device)
+        if ts.dim() == 1 and ts.shape[0] == 1:
+            ts = ts[0]
+        return ts
 
-    def predict(self, x_t: Tensor, t: Tensor | float | int, cond: CondLike, *, branch: Branch = "cond") -> Tensor:
+    def predict(self, x_t: Tensor, timestep: Timestep, cond: CondLike, *, branch: Branch = "cond") -> Tensor:
         """One branch's raw prediction.
 
         Args:
             x_t: ``(B, C, H, W)`` noisy input in the network's coordinates.
-            t: scalar or ``(B,)`` training timestep(s).
+            timestep: scalar or ``(B,)`` training timestep(s) in ``[0, num_train_timesteps − 1]``
+                (for a noise fraction ``t`` pass ``den.timestep(t)``).
             cond: one :class:`Conditioning` (broadcast over the batch), one per sample, or a batch.
             branch: ``"cond"``, ``"uncond"`` (the null condition) or ``"guided"``.
 
@@ -235,10 +329,10 @@ class Denoiser:
             ``(B, C, H, W)`` prediction in ``x_t``'s dtype.
         """
         if branch == "guided":
-            return self.branches(x_t, t, cond)["guided"]
+            return self.branches(x_t, timestep, cond)["guided"]
         if branch not in ("cond", "uncond"):
             raise ValueError(f"branch must be 'cond', 'uncond' or 'guided', got {branch!r}")
-        t = self._timesteps(t, x_t.shape[0])
+        t = self._timesteps(timestep)
         self._check_inputs(x_t, t)
         if branch == "uncond":
             cond = self._nulls(cond, x_t.shape[0])
@@ -254,15 +348,21 @@ class Denoiser:
             raise TypeError("the null condition of a ConditioningBatch is unknown; pass Conditioning objects for CFG")
         return [c.null() for c in cond]
 
-    def branches(self, x_t: Tensor, t: Tensor | float | int, cond: CondLike, *, guidance_scale: float | None = None) -> dict[str, Tensor]:
+    def branches(
+        self, x_t: Tensor, timestep: Timestep, cond: CondLike, *, guidance_scale: float | None = None
+    ) -> dict[str, Tensor]:
         """The ``uncond``, ``cond`` and ``guided`` predictions, each ``(B, C, H, W)``.
 
+        ``timestep`` is scalar or ``(B,)`` training timestep(s) (see :meth:`predict`).
         ``guided = uncond + s · (cond − uncond)`` with ``s = guidance_scale`` (default: the denoiser's, else 1).
         """
-        scale = guidance_scale if guidance_scale is not None else (self.guidance_scale or 1.0)
-        B = x_t.shape[0]
-        t = self._timesteps(t, B)
+        check_guidance_scale(guidance_scale)
+        # ``is None``, not ``or``: a scale of 0 (the unconditional prediction) must not become 1.
+        scale = guidance_scale if guidance_scale is not None else self.guidance_scale
+        scale = 1.0 if scale is None else scale
+        t = self._timesteps(timestep)
         self._check_inputs(x_t, t)
+        B = x_t.shape[0]
         cb_c = self._batch_cond(cond, B)
         cb_u = self._batch_cond(self._nulls(cond, B), B)
         outer = current_call()
@@ -280,52 +380,57 @@ class Denoiser:
                 cond_out = self._call_unet(x_t, t, cb_c).to(x_t.dtype)
         return {"uncond": uncond, "cond": cond_out, "guided": uncond + scale * (cond_out - uncond)}
 
-    def __call__(self, x_t: Tensor, t: Tensor | float | int, cond: CondLike, *, guidance_scale: float | None = None) -> Tensor:
-        """The prediction the sampler uses: guided when a guidance scale ≠ 1 is set, else conditional."""
+    def __call__(self, x_t: Tensor, timestep: Timestep, cond: CondLike, *, guidance_scale: float | None = None) -> Tensor:
+        """The prediction the sampler uses, ``(B, C, H, W)``: guided when a guidance scale ≠ 1 is set, else conditional.
+
+        ``timestep`` is scalar or ``(B,)`` training timestep(s) (see :meth:`predict`).
+        """
+        check_guidance_scale(guidance_scale)
         scale = guidance_scale if guidance_scale is not None else self.guidance_scale
-        if scale is None or scale == 1.0:
-            return self.predict(x_t, t, cond, branch="cond")
-        return self.branches(x_t, t, cond, guidance_scale=scale)["guided"]
+        if scale is None or (not isinstance(scale, Tensor) and scale == 1.0):
+            return self.predict(x_t, timestep, cond, branch="cond")
+        return self.branches(x_t, timestep, cond, guidance_scale=scale)["guided"]
 
     # ----------------------------------------------------------------- conversions
-    def to_epsilon(self, prediction: Tensor, x_t: Tensor, t: Tensor | float | int) -> Tensor:
-        """Convert a raw prediction of this denoiser's type to ε̂."""
+    def to_epsilon(self, prediction: Tensor, x_t: Tensor, timestep: Timestep) -> Tensor:
+        """Convert a raw ``(B, C, H, W)`` prediction of this denoiser's type at training ``timestep`` to ε̂."""
         if self.prediction_type == "epsilon":
             return prediction
-        ab = self._per_sample(self.alpha_bar(t), x_t)
+        ab = self._per_sample(self.alpha_bar(timestep), x_t)
         if self.prediction_type == "v_prediction":
             return ab.sqrt() * prediction + (1 - ab).sqrt() * x_t
         return (x_t - ab.sqrt() * prediction) / (1 - ab).sqrt()
 
-    def to_x0(self, prediction: Tensor, x_t: Tensor, t: Tensor | float | int) -> Tensor:
-        """Convert a raw prediction to the denoised estimate x̂₀ = (x_t − √(1−ᾱ) ε̂) / √ᾱ."""
-        ab = self._per_sample(self.alpha_bar(t), x_t)
+    def to_x0(self, prediction: Tensor, x_t: Tensor, timestep: Timestep) -> Tensor:
+        """Convert a raw ``(B, C, H, W)`` prediction at training ``timestep`` to x̂₀ = (x_t − √(1−ᾱ) ε̂) / √ᾱ."""
+        ab = self._per_sample(self.alpha_bar(timestep), x_t)
         if self.prediction_type == "v_prediction":
             # x̂₀ = √ᾱ·x_t − √(1−ᾱ)·v: the same value as via ε̂, without dividing by √ᾱ (≈ 5e-5 at t = T).
             return ab.sqrt() * x_t - (1 - ab).sqrt() * prediction
-        return (x_t - (1 - ab).sqrt() * self.to_epsilon(prediction, x_t, t)) / ab.sqrt()
+        return (x_t - (1 - ab).sqrt() * self.to_epsilon(prediction, x_t, timestep)) / ab.sqrt()
 
     def score(
         self,
         x_t: Tensor,
-        t: Tensor | float | int,
+        timestep: Timestep,
         cond: CondLike,
         *,
         branch: Branch | None = None,
         guidance_scale: float | None = None,
     ) -> Tensor:
-        """The score ∇_x log p_t(x_t | c) = −ε̂ / √(1 − ᾱ_t), ``(B, C, H, W)``.
+        """The score ∇_x log p(x_t | c) = −ε̂ / √(1 − ᾱ) at training ``timestep``, ``(B, C, H, W)``.
 
-        ``branch=None`` scores what :meth:`__call__` predicts (guided if guidance is on).
+        ``timestep`` is scalar or ``(B,)`` (see :meth:`predict`). ``branch=None`` scores what
+        :meth:`__call__` predicts (guided if guidance is on).
         """
         if branch is None:
-            pred = self(x_t, t, cond, guidance_scale=guidance_scale)
+            pred = self(x_t, timestep, cond, guidance_scale=guidance_scale)
         elif branch == "guided":
-            pred = self.branches(x_t, t, cond, guidance_scale=guidance_scale)["guided"]
+            pred = self.branches(x_t, timestep, cond, guidance_scale=guidance_scale)["guided"]
         else:
-            pred = self.predict(x_t, t, cond, branch=branch)
-        sigma = self._per_sample(self.sigma(t), x_t)
-        return -self.to_epsilon(pred, x_t, t) / sigma
+            pred = self.predict(x_t, timestep, cond, branch=branch)
+        sigma = self._per_sample(self.sigma(timestep), x_t)
+        return -self.to_epsilon(pred, x_t, timestep) / sigma
 
     def metadata(self) -> dict[str, Any]:
         """Model facts carried into every result (name, class, config hash, prediction type)."""

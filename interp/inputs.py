@@ -137,6 +137,43 @@ def forward_samples(
     return x_t.to(device=den.device, dtype=dtype), timestep.to(den.device)
 
 
+def noisy_inputs(
+    den: Denoiser,
+    t: float | Sequence[float] | None,
+    seeds: int | Sequence[int],
+    *,
+    x_t: Tensor | None = None,
+    timestep: Tensor | float | int | None = None,
+    x0: Tensor | None = None,
+    shape: Sequence[int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> list[tuple[float, Tensor, Tensor]]:
+    """The inputs a probe averages over: ``[(t, x_t (S, C, H, W), timestep), ...]``, one entry per noise level.
+
+    By default ``x_t`` is drawn from the forward process at each noise fraction in ``t``, one sample per seed
+    (:func:`forward_samples`). With an explicit ``x_t`` (a reverse trajectory's state, real data noised by the
+    user) its noise level is ``t`` (one fraction) or ``timestep`` (the raw training timestep); ``seeds`` and
+    ``x0`` are then unused and refused if given alongside.
+    """
+    if x_t is None:
+        if timestep is not None:
+            raise ValueError("timestep= describes an explicit x_t; without x_t pass noise fractions as t=")
+        levels = as_levels(t) if t is not None else None
+        if levels is None:
+            raise ValueError("pass t= (noise fraction(s) in [0, 1]) or an explicit x_t= with its t= or timestep=")
+        seed_list = as_seeds(seeds)
+        return [(level, *forward_samples(den, level, seed_list, x0=x0, shape=shape, dtype=dtype)) for level in levels]
+    if not isinstance(x_t, Tensor) or x_t.dim() != 4:
+        raise ValueError(f"x_t must be a (S, C, H, W) tensor, got {getattr(x_t, 'shape', type(x_t).__name__)}")
+    if x0 is not None:
+        raise ValueError("x0= builds forward-process inputs; it cannot be combined with an explicit x_t=")
+    if t is not None and not isinstance(t, (int, float)):
+        raise ValueError(f"an explicit x_t has one noise level: pass one fraction t=, got {t!r}")
+    ts = resolve_timestep(den, t=t, timestep=timestep)
+    level = float(t) if t is not None else round(float(ts) / (den.num_train_timesteps - 1), 6)
+    return [(level, x_t.to(den.device), ts)]
+
+
 def pixel_list(spec: PixelSpec, hw: tuple[int, int]) -> Tensor:
     """Resolve a pixel request to a ``(P, 2)`` long tensor of ``(row, col)``.
 
@@ -156,7 +193,16 @@ def pixel_list(spec: PixelSpec, hw: tuple[int, int]) -> Tensor:
             raise ValueError(f"grid stride must be >= 1, got {spec}")
         rr, cc = torch.meshgrid(torch.arange(spec // 2, H, spec), torch.arange(spec // 2, W, spec), indexing="ij")
         return torch.stack([rr.flatten(), cc.flatten()], 1)
-    px = torch.as_tensor(spec, dtype=torch.long).reshape(-1, 2)
+    raw = torch.as_tensor(spec)
+    if raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool:
+        if raw.is_floating_point() and torch.equal(raw, raw.round()):
+            raw = raw.long()  # (16.0, 16.0) is pixel (16, 16); 16.5 is refused below
+        else:
+            raise ValueError(f"pixels must be integer (row, col) indices, got {raw.flatten()[:8].tolist()}; "
+                             "round them, or pass a grid stride / 'all' / 'center'")
+    if raw.numel() % 2:
+        raise ValueError(f"pixels must be (row, col) pairs, got {raw.numel()} numbers")
+    px = raw.to(torch.long).reshape(-1, 2)
     if px.numel() == 0:
         raise ValueError("empty pixel list")
     if (px[:, 0] < 0).any() or (px[:, 0] >= H).any() or (px[:, 1] < 0).any() or (px[:, 1] >= W).any():
@@ -173,10 +219,26 @@ def pixel_centres(hw: tuple[int, int], device: Any = None) -> tuple[Tensor, Tens
     return xx, yy
 
 
+def check_locations(locations: Tensor | Sequence[Sequence[float]], name: str = "cond.locations") -> Tensor:
+    """``(k, 2)`` float64 conditioner locations, refused unless finite and inside the image ``[0, 1]²``.
+
+    A NaN or out-of-image location would otherwise turn every region summary into 0 or 1 without a word.
+    """
+    loc = torch.as_tensor(locations).detach().to("cpu", torch.float64)
+    if loc.numel() % 2 or (loc.dim() == 2 and loc.shape[-1] != 2):
+        raise ValueError(f"{name} must be (k, 2) normalised (x, y) pairs, got shape {tuple(loc.shape)}")
+    loc = loc.reshape(-1, 2)
+    if not torch.isfinite(loc).all():
+        raise ValueError(f"{name} contains NaN or Inf: {loc.tolist()[:8]}; every conditioner needs a location in [0, 1]")
+    if ((loc < 0) | (loc > 1)).any():
+        raise ValueError(f"{name} must lie in [0, 1] (normalised x → columns, y → rows), got {loc.tolist()[:8]}")
+    return loc
+
+
 def conditioner_distances(locations: Tensor, hw: tuple[int, int]) -> Tensor:
     """``(k, H, W)`` Euclidean distance (normalised units) from each pixel centre to each location ``(k, 2)``."""
     xx, yy = pixel_centres(hw)
-    loc = torch.as_tensor(locations, dtype=torch.float64).reshape(-1, 2)
+    loc = check_locations(locations)
     return ((xx[None] - loc[:, 0, None, None]) ** 2 + (yy[None] - loc[:, 1, None, None]) ** 2).sqrt()
 
 

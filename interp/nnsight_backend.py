@@ -218,6 +218,7 @@ class _Recorder:
 
     cap: Capture
     layout: CallLayout
+    call_base: int = 0
     calls_seen: int = 0
     visits: dict[str, int] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)
@@ -229,7 +230,9 @@ class _Recorder:
         batch = int(x.shape[0]) if isinstance(x, Tensor) else int(primary_tensor(value).shape[0])
         tensor = primary_tensor(value) if site.io == "output" else value
         step, branches = self.layout.label(call, batch)
-        self.cap.record(site, path, tensor, CallState(call, step, branches, _input_hw(args, kwargs)))
+        # Call k of this run is numbered after any calls already in a store passed in (as the torch hooks do).
+        index = self.call_base + call
+        self.cap.record(site, path, tensor, CallState(index, step, branches, _input_hw(args, kwargs)))
         self.visits[path] = self.visits.get(path, 0) + 1
 
     def check(self, expected_calls: int | None) -> None:
@@ -270,11 +273,24 @@ def _read_result(tracer: Any, recorder: _Recorder) -> None:
     recorder.result["value"] = tracer.result
 
 
-def _prepare(cap: Capture, unet: nn.Module) -> None:
-    """Resolve sites and check the plan's budget, as :meth:`Capture.__enter__` does (no hooks)."""
-    cap.resolved = [(s, p, m) for s in cap.sites for p, m in s.resolve(unet)]
-    if cap.plan is not None and cap.budget is not None and cap.plan.total_bytes > cap.budget:
-        cap._over_budget(cap.plan.total_bytes, before=True)
+def _prepare(cap: Capture, unet: nn.Module, layout: CallLayout) -> _Recorder:
+    """Resolve sites, check the plan's budget and number calls, as :meth:`Capture.__enter__` does (no hooks)."""
+    cap._begin(unet)
+    return _Recorder(cap, layout, call_base=cap._next_call)
+
+
+def _finish(cap: Capture, recorder: _Recorder, expected_calls: int | None, exc: BaseException | None) -> None:
+    """Persist the store as the torch capture's exit does (aborted on an exception, closed if owned) after
+    checking the run; an error in the check marks the store aborted too."""
+    if exc is None:
+        cap.calls = recorder.calls_seen
+        cap._next_call = recorder.call_base + recorder.calls_seen
+        try:
+            recorder.check(expected_calls)
+        except RuntimeError as err:
+            cap._finish(err)
+            raise
+    cap._finish(exc)
 
 
 @contextlib.contextmanager
@@ -320,11 +336,10 @@ def capture_nnsight(
     layout = layout_for(target, cfg, count_steps)
     cap = capture(target, sites, cfg=layout.cfg, count_steps=layout.count_steps, **capture_kwargs)
     unet = unet_of(target)
-    _prepare(cap, unet)
-    recorder = _Recorder(cap, layout)
+    if envoy is not None and envoy._module is not unet:
+        raise ValueError("envoy= must wrap the very U-Net that the capture's target runs")
+    recorder = _prepare(cap, unet, layout)
     try:
-        if envoy is not None and envoy._module is not unet:
-            raise ValueError("envoy= must wrap the very U-Net that the capture's target runs")
         wrap = contextlib.nullcontext(envoy) if envoy is not None else instrumented(unet)
         with wrap as model, _loop_end_quiet():
             jobs = [(site, path, envoy_at(model, path)) for site, path, _ in cap.resolved]
@@ -336,10 +351,10 @@ def capture_nnsight(
                         _read_site(tracer, model, envoy, site, path, calls, recorder)
                 with tracer.invoke():
                     _read_result(tracer, recorder)
-    finally:
-        cap.store.flush()
-    cap.calls = recorder.calls_seen
-    recorder.check(calls)
+    except BaseException as err:
+        _finish(cap, recorder, calls, err)
+        raise
+    _finish(cap, recorder, calls, None)
     return cap, recorder.result.get("value")
 
 
@@ -414,8 +429,7 @@ def capture_pipeline_nnsight(
     layout = CallLayout(cfg="batched" if guided else None, count_steps=True,
                         rows_per_branch=prompts * num_images_per_prompt)
     cap = capture(pipe, sites, cfg=layout.cfg, count_steps=True, **capture_kwargs)
-    _prepare(cap, pipe.unet)
-    recorder = _Recorder(cap, layout)
+    recorder = _prepare(cap, pipe.unet, layout)
     kwargs = dict(pipe_kwargs or {}, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                   num_images_per_prompt=num_images_per_prompt)
     unet = model.unet
@@ -431,10 +445,10 @@ def capture_pipeline_nnsight(
                         _read_site(tracer, unet, envoy, site, path, num_inference_steps, recorder)
                 with tracer.invoke():
                     _read_result(tracer, recorder)
-    finally:
-        cap.store.flush()
-    cap.calls = recorder.calls_seen
-    recorder.check(num_inference_steps)
+    except BaseException as err:
+        _finish(cap, recorder, num_inference_steps, err)
+        raise
+    _finish(cap, recorder, num_inference_steps, None)
     return cap, recorder.result.get("value")
 
 

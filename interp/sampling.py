@@ -13,9 +13,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from interp.conditioning import Conditioning
+from interp.conditioning import Conditioning, ConditioningBatch
 from interp.context import denoising_step
 from interp.denoiser import CondLike, Denoiser
+from interp.validation import check_guidance_scale, check_int
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "ddpm": "DDPMScheduler"}
 
@@ -34,6 +35,10 @@ def make_scheduler(kind: str | Any, like: Any) -> Any:
     import diffusers
 
     if not isinstance(kind, str):
+        if not hasattr(kind, "config") or not hasattr(kind, "set_timesteps") or not hasattr(kind, "step"):
+            raise TypeError(
+                f"scheduler must be one of {sorted(SCHEDULERS)} or a diffusers scheduler, got {type(kind).__name__}"
+            )
         return kind.__class__.from_config(kind.config)
     if kind not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {kind!r}; choose one of {sorted(SCHEDULERS)} or pass a diffusers scheduler")
@@ -41,9 +46,27 @@ def make_scheduler(kind: str | Any, like: Any) -> Any:
     return cls.from_config(like.config)
 
 
+def _check_shape(den: Denoiser, shape: Sequence[int], cond: CondLike) -> tuple[int, int, int, int]:
+    """``shape`` as ``(B, C, H, W)`` positive ints matching the model's channels and the conditionings."""
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, torch.Size)):
+        raise TypeError(f"shape must be (B, C, H, W), got {type(shape).__name__} {shape!r}")
+    if len(shape) != 4:
+        raise ValueError(f"shape must be (B, C, H, W), got {tuple(shape)}")
+    dims = tuple(check_int(f"shape[{i}]", s, minimum=1) for i, s in enumerate(shape))
+    if den.in_channels is not None and dims[1] != den.in_channels:
+        raise ValueError(
+            f"shape has {dims[1]} channels but {den.name} takes {den.in_channels}: pass shape=(B, {den.in_channels}, H, W)"
+        )
+    if not isinstance(cond, (Conditioning, ConditioningBatch)):
+        n = len(cond)
+        if n != dims[0]:
+            raise ValueError(f"{n} conditionings for shape[0] = {dims[0]} samples: pass one per sample, or one for all")
+    return dims  # type: ignore[return-value]
+
+
 @torch.no_grad()
 def sample(
-    denoiser: Denoiser,
+    den: Denoiser,
     cond: CondLike,
     *,
     shape: Sequence[int],
@@ -57,38 +80,51 @@ def sample(
     """Run the reverse process and return the final sample ``(B, C, H, W)``.
 
     Args:
-        denoiser: the network to sample from.
+        den: the network to sample from.
         cond: one :class:`Conditioning` for every sample, or one per sample.
-        shape: ``(B, C, H, W)`` of the sample.
-        num_steps: number of denoising steps.
+        shape: ``(B, C, H, W)`` of the sample (``C`` must be the model's input channels).
+        num_steps: number of denoising steps, ``1 … num_train_timesteps``.
         seed: seeds the initial noise (drawn on CPU, so the same seed gives the same numbers on any device).
         scheduler: ``"ddim"`` (deterministic, η = 0), ``"euler"``, ``"ddpm"`` or a diffusers scheduler.
-        guidance_scale: overrides the denoiser's CFG scale.
-        callbacks: called after every step, see :class:`StepCallback`.
-        latents: start from these ``x_T`` instead of seeded noise.
+        guidance_scale: overrides the denoiser's CFG scale (finite, >= 0).
+        callbacks: a list of callables, each called after every step, see :class:`StepCallback`.
+        latents: start from these ``x_T`` ``(B, C, H, W)`` instead of seeded noise.
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    sched = make_scheduler(scheduler, denoiser.scheduler)
-    sched.set_timesteps(num_steps, device=denoiser.device)
+    if not isinstance(den, Denoiser):
+        raise TypeError(f"den must be an interp.Denoiser, got {type(den).__name__}; e.g. pipe.denoiser()")
+    num_steps = check_int("num_steps", num_steps, minimum=1)
+    if num_steps > den.num_train_timesteps:
+        raise ValueError(f"num_steps={num_steps} exceeds the schedule's {den.num_train_timesteps} training timesteps")
+    shape = _check_shape(den, shape, cond)
+    seed = check_int("seed", seed)
+    check_guidance_scale(guidance_scale)
+    hint = "callbacks must be a list of callables callback(step, timestep, latents, prediction)"
+    if callable(callbacks) or isinstance(callbacks, (str, bytes)):
+        raise TypeError(f"{hint}; wrap a single one as [callback]")
+    callbacks = list(callbacks)  # once: a generator would be used up by the check below
+    if not all(callable(cb) for cb in callbacks):
+        raise TypeError(f"{hint}; got {[type(cb).__name__ for cb in callbacks]}")
+    sched = make_scheduler(scheduler, den.scheduler)
+    sched.set_timesteps(num_steps, device=den.device)
     gen = torch.Generator("cpu").manual_seed(seed)
     if latents is None:
-        x = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
-        x = x.to(denoiser.device) * sched.init_noise_sigma
+        x = torch.randn(shape, generator=gen, dtype=torch.float32)
+        x = x.to(den.device) * sched.init_noise_sigma
     else:
-        if tuple(latents.shape) != tuple(shape):
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
-        x = latents.to(denoiser.device, torch.float32)
+        if not isinstance(latents, Tensor) or tuple(latents.shape) != shape:
+            got = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
+            raise ValueError(f"latents have shape {got}, expected shape={shape}")
+        x = latents.to(den.device, torch.float32)
     if isinstance(cond, Conditioning):
         cond = [cond] * shape[0]
     step_kwargs: dict[str, Any] = {}
     if "generator" in sched.step.__code__.co_varnames:
         step_kwargs["generator"] = gen
-    for i, t in enumerate(sched.timesteps):
+    for i, timestep in enumerate(sched.timesteps):
         with denoising_step(i):
-            model_in = sched.scale_model_input(x, t)
-            pred = denoiser(model_in, t, cond, guidance_scale=guidance_scale)
-        x = sched.step(pred, t, x, **step_kwargs).prev_sample
+            model_in = sched.scale_model_input(x, timestep)
+            pred = den(model_in, timestep, cond, guidance_scale=guidance_scale)
+        x = sched.step(pred, timestep, x, **step_kwargs).prev_sample
         for cb in callbacks:
-            cb(i, t, x, pred)
+            cb(i, timestep, x, pred)
     return x

@@ -16,10 +16,12 @@ import fnmatch
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from interp.context import BRANCHES
 
 StepSelector = int | slice | range | Sequence[int] | None
 BranchSelector = str | Sequence[str] | None
@@ -69,6 +71,71 @@ def resolve_paths(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]
     )
 
 
+def _is_index(value: Any) -> bool:
+    """A plain non-negative int (``bool`` is an int to Python, never a step or channel here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_slice(sel: slice, what: str) -> None:
+    for part, name in ((sel.start, "start"), (sel.stop, "stop")):
+        if part is not None and not _is_index(part):
+            raise ValueError(f"Site.{what} slice {name} must be an int >= 0 or None, got {part!r} in {sel!r}")
+    if sel.step is not None and not (_is_index(sel.step) and sel.step > 0):
+        raise ValueError(f"Site.{what} slice step must be an int > 0 or None, got {sel.step!r} in {sel!r}")
+
+
+def _index_selector(value: Any, what: str, example: str) -> int | slice | range | tuple[int, ...] | None:
+    """Validate a step / channel selector; a list (or any iterable of ints) becomes a tuple.
+
+    Negative indices are refused: a step counts from the start of the run, and "the last steps" cannot be
+    resolved before the run has ended.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or isinstance(value, (str, bytes, float)):
+        raise TypeError(f"Site.{what} must be {example}, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"Site.{what} must be >= 0 (counted from the start), got {value}")
+        return value
+    if isinstance(value, slice):
+        _check_slice(value, what)
+        return value
+    if isinstance(value, range):
+        if value.step < 0 or value.start < 0 or not len(value):
+            raise ValueError(f"Site.{what} range must be non-empty and increasing, with ints >= 0; got {value!r}")
+        return value
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"Site.{what} must be {example}, got {type(value).__name__} {value!r}") from None
+    if not items:
+        raise ValueError(f"Site.{what} is an empty list, which selects nothing; pass None for all")
+    bad = [v for v in items if not _is_index(v)]
+    if bad:
+        raise ValueError(f"Site.{what} must hold ints >= 0, got {bad[:5]} in {list(items)[:10]}")
+    return items
+
+
+def _branch_selector(value: Any) -> str | tuple[str, ...] | None:
+    if value is None:
+        return None
+    items = (value,) if isinstance(value, str) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError(f"Site.branch must be a branch name, a list of them or None, got {value!r}") from None
+    bad = [b for b in items if b not in BRANCHES]
+    if bad or not items:
+        raise ValueError(
+            f"Site.branch {value!r} names no CFG branch ({', '.join(repr(b) for b in bad) or 'empty'}); "
+            f"valid branches are {', '.join(repr(b) for b in BRANCHES)}, or None for all"
+        )
+    return value if isinstance(value, str) else items
+
+
 def _steps_match(sel: StepSelector, step: int | None) -> bool:
     if sel is None:
         return True
@@ -107,6 +174,16 @@ class Site:
             raise ValueError(f"a Site needs a non-empty module path or glob, got {self.path!r}")
         if self.io not in ("output", "input"):
             raise ValueError(f"Site.io must be 'output' or 'input', got {self.io!r}")
+        # A typo in a selector would otherwise match no call and capture nothing, silently: refuse it here.
+        # Lists become tuples (the frozen Site stays comparable and a generator is not consumed twice).
+        object.__setattr__(self, "steps", _index_selector(
+            self.steps, "steps", "a step index (int >= 0), a slice, a range, a list of ints, or None for every step"))
+        object.__setattr__(self, "branch", _branch_selector(self.branch))
+        object.__setattr__(self, "channels", _index_selector(
+            self.channels, "channels", "a list of channel indices (ints >= 0), a slice, or None for all channels"))
+        if isinstance(self.channels, int):
+            raise TypeError(f"Site.channels must be a list or a slice (keeps the channel axis), got "
+                            f"{self.channels!r}; pass [{self.channels}]")
         if self.region is not None:
             y0, y1, x0, x1 = self.region
             if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
@@ -117,6 +194,11 @@ class Site:
     def resolve(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The ``(path, module)`` pairs this site names in ``model`` (raises :class:`SiteError` if none)."""
         return resolve_paths(model, self.path)
+
+    @property
+    def selective(self) -> bool:
+        """Whether this site selects particular steps or branches (a capture then checks that it matched a call)."""
+        return self.steps is not None or self.branch is not None
 
     def applies(self, step: int | None, branch: str) -> bool:
         """Whether this site is active at ``step`` on ``branch``."""

@@ -82,7 +82,7 @@ def pixel(
     seeds: int = SEEDS,
     pixels: str = typer.Option("center", "--pixels", help="'all', 'center', a grid stride (int), or 'r,c;r,c'."),
     method: str = typer.Option("dense", "--method", help="dense | compressed"),
-    radius: Optional[int] = typer.Option(None, "--radius", help="Receptive-field radius (pixels) for --method compressed."),
+    radius_px: Optional[int] = typer.Option(None, "--radius-px", help="Receptive-field radius in pixels (Chebyshev) for --method compressed."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result here."),
     include_maps: bool = typer.Option(True, "--maps/--no-maps", help="Include the G maps in the JSON (large for --pixels all)."),
     locations: Optional[str] = LOCS,
@@ -98,7 +98,7 @@ def pixel(
         spec = int(pixels)
     elif ";" in pixels or "," in pixels:
         spec = [tuple(int(v) for v in p.split(",")) for p in pixels.split(";") if p]
-    res = pixel_locality(den, cond, parse_floats(t), seeds, pixels=spec, method=method, radius=radius)  # type: ignore[arg-type]
+    res = pixel_locality(den, cond, parse_floats(t), seeds, pixels=spec, method=method, radius_px=radius_px)  # type: ignore[arg-type]
     _emit(res, json_path, maps=include_maps)
 
 

@@ -32,7 +32,8 @@ from torch import Tensor
 
 from interp import Conditioning, ConditioningBatch, Denoiser
 from interp.forward_mode import forward_mode_ready
-from interp.inputs import as_levels, as_seeds, check_conditioning, forward_samples
+from interp.inputs import as_seeds, check_conditioning, check_locations, noisy_inputs, resolve_timestep
+from interp.validation import check_finite
 from interp.evaluate import Output, accumulation_dtype, evaluate
 from interp.results import ProbeResult
 from probes.summaries import effective_conditioners, region_fractions
@@ -44,14 +45,14 @@ def _batched(cond: Conditioning, n: int) -> ConditioningBatch:
     return ConditioningBatch.stack([cond]).repeat(n)
 
 
-def token_function(den: Denoiser, x: Tensor, t: Tensor, cond: Conditioning, n: int, *, output: Output = "prediction"):
+def token_function(den: Denoiser, x: Tensor, timestep: Tensor, cond: Conditioning, n: int, *, output: Output = "prediction"):
     """``f(tokens (n, L, D)) -> (n, C, H, W)``: the conditional branch at one input ``x (1, C, H, W)``."""
     base = _batched(cond, n)
     xs = x.expand(n, *x.shape[1:]).contiguous()
 
     def f(tokens: Tensor) -> Tensor:
         cb = ConditioningBatch(tokens=tokens, mask=base.mask, added=base.added)
-        return evaluate(den, xs, t, cb, branch="cond", output=output)
+        return evaluate(den, xs, timestep, cb, branch="cond", output=output)
 
     return f
 
@@ -80,24 +81,42 @@ def direction_set(cond: Conditioning, j: int, directions: int | str, *, seed: in
 
 def conditioner_jvp(
     den: Denoiser,
-    x: Tensor,
-    t: Tensor,
     cond: Conditioning,
     tangents: Tensor,
-    *,
+    *legacy: Tensor,
+    x_t: Tensor | None = None,
+    t: float | None = None,
+    timestep: Tensor | float | int | None = None,
     output: Output = "prediction",
     chunk_size: int = 8,
 ) -> Tensor:
-    """``(∂D/∂tokens)·v`` for each tangent ``v`` in ``tangents (N, L, D)`` at one input ``x (1, C, H, W)``.
+    """``(∂D/∂tokens)·v`` for each tangent ``v`` in ``tangents (N, L, D)`` at one input ``x_t (1, C, H, W)``.
 
-    Returns ``(N, C, H, W)`` (float32, float64 for float64 ``x``). Call inside :func:`forward_mode_ready`
-    for diffusers models.
+    ``t`` (noise fraction) or ``timestep`` (raw) gives ``x_t``'s noise level. Returns ``(N, C, H, W)``
+    (float32, float64 for float64 ``x_t``). Call inside :func:`interp.forward_mode.forward_mode_ready` for
+    diffusers models. The pre-0.2 call ``conditioner_jvp(den, x, timestep, cond, tangents)`` still works for
+    one release, with a ``DeprecationWarning``.
     """
+    if isinstance(cond, Tensor):  # the old positional order (den, x, timestep, cond, tangents)
+        import warnings
+
+        if len(legacy) != 2 or x_t is not None or t is not None or timestep is not None:
+            raise TypeError("conditioner_jvp takes (den, cond, tangents, *, x_t=, t= | timestep=)")
+        warnings.warn("conditioner_jvp(den, x, timestep, cond, tangents) is deprecated: call "
+                      "conditioner_jvp(den, cond, tangents, x_t=x, timestep=timestep)", DeprecationWarning, stacklevel=2)
+        x_t, timestep, cond, tangents = cond, tangents, legacy[0], legacy[1]
+    elif legacy:
+        raise TypeError("conditioner_jvp takes (den, cond, tangents) positionally; pass x_t=, t= / timestep= by keyword")
+    if not isinstance(x_t, Tensor) or x_t.dim() != 4 or x_t.shape[0] != 1:
+        raise ValueError(f"x_t must be one input (1, C, H, W), got {getattr(x_t, 'shape', type(x_t).__name__)}")
+    check_finite("x_t", x_t)  # before torch.func hides NaNs from the Denoiser's checks
+    ts = resolve_timestep(den, t=t, timestep=timestep)
+    x = x_t
     outs = []
     acc = accumulation_dtype(x)
     for start in range(0, tangents.shape[0], chunk_size):
         v = tangents[start : start + chunk_size]
-        f = token_function(den, x, t, cond, v.shape[0], output=output)
+        f = token_function(den, x, ts, cond, v.shape[0], output=output)
         primal = cond.tokens.unsqueeze(0).expand(v.shape[0], -1, -1).clone()
         _, tan = torch.func.jvp(f, (primal,), (v.to(primal.dtype),))
         outs.append(tan.detach().to(acc))
@@ -107,9 +126,11 @@ def conditioner_jvp(
 def conditional_locality(
     den: Denoiser,
     cond: Conditioning,
-    t: float | Sequence[float],
+    t: float | Sequence[float] | None = None,
     seeds: int | Sequence[int] = 4,
     *,
+    x_t: Tensor | None = None,
+    timestep: Tensor | float | int | None = None,
     maps: Maps = ("jvp", "ablation"),
     directions: int | str = "all",
     radius: float | None = 0.2,
@@ -127,10 +148,13 @@ def conditional_locality(
     Args:
         den: the denoiser. cond: conditioning with ``k >= 1`` conditioners.
         t: noise fraction(s) in ``[0, 1]``. seeds: forward-process samples.
+        x_t / timestep: explicit inputs ``(S, C, H, W)`` and their noise level (``t`` one fraction, or
+            ``timestep``) instead of forward-process samples (:func:`interp.inputs.noisy_inputs`).
         maps: which maps to compute: ``"jvp"`` (‖∂D_i/∂c_j‖), ``"ablation"`` (‖D(c) − D(c∖j)‖),
             ``"attribution"`` (signed ``(∂D/∂c_j)·(c_j − b_j)``).
         directions: ``"all"`` coordinate directions (exact) or a number of random directions.
-        radius: region radius (normalised units) for the location summaries; ``None`` skips them.
+        radius: region radius in normalised Euclidean units (a fraction of the image side) for the location
+            summaries; ``None`` skips them.
         baseline: ``(L, D)`` baseline tokens for ``"attribution"`` (default zeros).
         x0, shape, dtype: forward-process inputs (see :func:`interp.inputs.forward_samples`).
         branch: ``"cond"`` or ``"guided"`` (``s ×`` the conditional derivative; ablation uses the real CFG output).
@@ -150,19 +174,23 @@ def conditional_locality(
     if branch not in ("cond", "guided"):
         raise ValueError("branch must be 'cond' or 'guided' (the unconditional branch does not depend on c_j)")
     scale = float(den.guidance_scale or 1.0) if branch == "guided" else 1.0
-    levels, seed_list = as_levels(t), as_seeds(seeds)
+    if radius is not None and cond.locations is not None:
+        check_locations(cond.locations)
+    inputs = noisy_inputs(den, t, seeds, x_t=x_t, timestep=timestep, x0=x0, shape=shape, dtype=dtype)
+    levels = [level for level, _, _ in inputs]
+    seed_list = as_seeds(seeds) if x_t is None else "x_t given"
     if baseline is not None and baseline.shape != cond.tokens.shape:
         raise ValueError(f"baseline must be {tuple(cond.tokens.shape)} like cond.tokens, got {tuple(baseline.shape)}")
     cond = cond.to(den.device)
     result = ProbeResult(
         "conditional_locality",
         metadata={**den.metadata(), "site": "output", "branch": branch, "output": output, "directions": str(directions),
-                  "radius": radius, "seeds": seed_list, "n_samples": len(seed_list), "k": cond.k, "levels": levels},
+                  "radius": radius, "seeds": seed_list, "n_samples": int(inputs[0][1].shape[0]), "k": cond.k,
+                  "levels": levels},
     )
     out_maps: dict[str, list[Tensor]] = {m: [] for m in maps}
-    for level in levels:
-        x_t, ts = forward_samples(den, level, seed_list, x0=x0, shape=shape, dtype=dtype)
-        acc = accumulation_dtype(x_t)
+    for level, xs, ts in inputs:
+        acc = accumulation_dtype(xs)
         per = {m: [] for m in maps}
         if "jvp" in maps or "attribution" in maps:
             with forward_mode_ready(den.unet):
@@ -170,8 +198,9 @@ def conditional_locality(
                     if "jvp" in maps:
                         v, factor = direction_set(cond, j, directions, seed=j)
                         sq = torch.stack([
-                            conditioner_jvp(den, x_t[s : s + 1], ts, cond, v, output=output, chunk_size=chunk_size).pow(2).sum((0, 1))
-                            for s in range(x_t.shape[0])
+                            conditioner_jvp(den, cond, v, x_t=xs[s : s + 1], timestep=ts, output=output,
+                                            chunk_size=chunk_size).pow(2).sum((0, 1))
+                            for s in range(xs.shape[0])
                         ])  # (S, H, W)
                         per["jvp"].append(abs(scale) * (sq * factor).sqrt().mean(0))
                     if "attribution" in maps:
@@ -179,12 +208,13 @@ def conditional_locality(
                         d = torch.zeros_like(cond.tokens)
                         idx = cond.token_indices(j)
                         d[idx] = cond.tokens[idx] - b[idx]
-                        att = torch.stack([conditioner_jvp(den, x_t[s : s + 1], ts, cond, d[None], output=output)[0] for s in range(x_t.shape[0])])
+                        att = torch.stack([conditioner_jvp(den, cond, d[None], x_t=xs[s : s + 1], timestep=ts, output=output)[0]
+                                           for s in range(xs.shape[0])])
                         per["attribution"].append(scale * att.mean(0))
         if "ablation" in maps:
-            full = _branch_out(den, x_t, ts, cond, branch, output).to(acc)
+            full = _branch_out(den, xs, ts, cond, branch, output).to(acc)
             for j in range(cond.k):
-                dropped = _branch_out(den, x_t, ts, cond.drop(j), branch, output).to(acc)
+                dropped = _branch_out(den, xs, ts, cond.drop(j), branch, output).to(acc)
                 per["ablation"].append((full - dropped).pow(2).sum(1).sqrt().mean(0))
         for m in maps:
             stacked = torch.stack(per[m])  # (k, H, W) or (k, C, H, W)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from interp import Conditioning, Denoiser
-from interp.inputs import as_levels, as_seeds, check_conditioning, conditioner_distances, forward_samples
+from interp.inputs import as_seeds, check_conditioning, check_locations, noisy_inputs
 from interp.evaluate import accumulation_dtype, evaluate
 from interp.masks import composition_masks, masked_composition
 from interp.results import ProbeResult
@@ -37,9 +37,11 @@ from interp.results import ProbeResult
 def cpc_residual(
     den: Denoiser,
     cond: Conditioning,
-    t: float | Sequence[float],
+    t: float | Sequence[float] | None = None,
     seeds: int | Sequence[int] = 4,
     *,
+    x_t: Tensor | None = None,
+    timestep: Tensor | float | int | None = None,
     radius: float = 0.2,
     x0: Tensor | None = None,
     shape: Sequence[int] | None = None,
@@ -51,8 +53,10 @@ def cpc_residual(
 
     Args:
         den: the denoiser. cond: conditioning with ``k >= 1`` located conditioners.
-        t: noise fraction(s). seeds: forward-process samples.
-        radius: mask radius (normalised units).
+        t: noise fraction(s) in ``[0, 1]``. seeds: forward-process samples.
+        x_t / timestep: explicit inputs ``(S, C, H, W)`` and their noise level (``t`` one fraction, or
+            ``timestep``) instead of forward-process samples (:func:`interp.inputs.noisy_inputs`).
+        radius: mask radius in normalised Euclidean units (a fraction of the image side).
         x0, shape, dtype: forward-process inputs.
         branch: ``"cond"`` or ``"guided"`` (every term then uses CFG with the denoiser's scale).
 
@@ -62,23 +66,26 @@ def cpc_residual(
         ``cpc_residual_background`` per ``(t, seed)`` plus their means over seeds (``seed = None``, ``stat = "mean"``).
     """
     check_conditioning(cond, need_locations=True, max_k=max_conditioners)
-    levels, seed_list = as_levels(t), as_seeds(seeds)
+    check_locations(cond.locations)
+    inputs = noisy_inputs(den, t, seeds, x_t=x_t, timestep=timestep, x0=x0, shape=shape, dtype=dtype)
+    levels = [level for level, _, _ in inputs]
+    # Rows are per sample: the seed when inputs come from the forward process, the sample index otherwise.
+    seed_list = as_seeds(seeds) if x_t is None else list(range(x_t.shape[0]))
     cond = cond.to(den.device)
     result = ProbeResult(
         "cpc_residual",
         metadata={**den.metadata(), "site": "output", "branch": branch, "radius": radius, "k": cond.k,
-                  "seeds": seed_list, "n_samples": len(seed_list), "levels": levels},
+                  "seeds": seed_list if x_t is None else "x_t given", "n_samples": len(seed_list), "levels": levels},
     )
     res_maps = []
     masks = None
-    for level in levels:
-        x_t, ts = forward_samples(den, level, seed_list, x0=x0, shape=shape, dtype=dtype)
-        acc = accumulation_dtype(x_t)
-        masks = composition_masks(cond.locations, tuple(x_t.shape[-2:]), radius).to(x_t.device)
+    for level, xs, ts in inputs:
+        acc = accumulation_dtype(xs)
+        masks = composition_masks(cond.locations, tuple(xs.shape[-2:]), radius).to(xs.device)
 
         def score(c: Conditioning) -> Tensor:
             with torch.no_grad():
-                return evaluate(den, x_t, ts, c, branch=branch, output="score").to(acc)
+                return evaluate(den, xs, ts, c, branch=branch, output="score").to(acc)
 
         full, null = score(cond), score(cond.null())
         comp = masked_composition(null, [score(cond.only(j)) for j in range(cond.k)], masks)

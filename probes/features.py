@@ -35,7 +35,7 @@ from interp.site import resolve_paths, spatial_view
 from probes.conditional import _summarise, direction_set
 from interp.masks import composition_masks, masked_composition
 from interp.forward_mode import forward_mode_ready
-from interp.inputs import as_levels, as_seeds, check_conditioning, forward_samples
+from interp.inputs import as_seeds, check_conditioning, check_locations, forward_samples, noisy_inputs
 from interp.evaluate import accumulation_dtype
 from interp.results import ProbeResult
 from probes.summaries import hoyer_sparsity, support_fraction
@@ -51,11 +51,11 @@ def exact_site(den: Denoiser, site: str) -> str:
     return hits[0][0]
 
 
-def activation(den: Denoiser, site: str, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
-    """``h_L`` at ``site`` as a spatial map ``(B, C_L, h, w)`` (differentiable)."""
+def activation(den: Denoiser, site: str, cond: Any, *, x_t: Tensor, timestep: Tensor) -> Tensor:
+    """``h_L`` at ``site`` as a spatial map ``(B, C_L, h, w)`` (differentiable) for inputs ``x_t (B, C, H, W)``."""
     from interp.capture import read_activation
 
-    act = read_activation(den, site, x_t, t, cond)
+    act = read_activation(den, site, cond, x_t=x_t, timestep=timestep)
     if act.dim() == 4:
         return act
     try:
@@ -64,12 +64,12 @@ def activation(den: Denoiser, site: str, x_t: Tensor, t: Tensor, cond: Any) -> T
         raise ValueError(f"the activation at {site!r} has shape {tuple(act.shape)}, not a spatial map: {err}") from None
 
 
-def _token_activation_fn(den: Denoiser, site: str, x: Tensor, t: Tensor, cond: Conditioning, n: int):
+def _token_activation_fn(den: Denoiser, site: str, x: Tensor, timestep: Tensor, cond: Conditioning, n: int):
     one = ConditioningBatch.stack([cond]).repeat(n)
     xs = x.expand(n, *x.shape[1:]).contiguous()
 
     def f(tokens: Tensor) -> Tensor:
-        return activation(den, site, xs, t, ConditioningBatch(tokens=tokens, mask=one.mask, added=one.added))
+        return activation(den, site, ConditioningBatch(tokens=tokens, mask=one.mask, added=one.added), x_t=xs, timestep=timestep)
 
     return f
 
@@ -78,9 +78,11 @@ def feature_dependence(
     den: Denoiser,
     site: str,
     cond: Conditioning,
-    t: float | Sequence[float],
+    t: float | Sequence[float] | None = None,
     seeds: int | Sequence[int] = 2,
     *,
+    x_t: Tensor | None = None,
+    timestep: Tensor | float | int | None = None,
     maps: Sequence[Literal["jvp", "ablation"]] = ("jvp", "ablation"),
     directions: int | str = 8,
     radius: float | None = 0.2,
@@ -96,11 +98,14 @@ def feature_dependence(
     Args:
         den: the denoiser. site: one module path (or a glob matching one module).
         cond: conditioning with ``k >= 1`` conditioners.
-        t, seeds, x0, shape, dtype: forward-process inputs.
+        t, seeds, x0, shape, dtype: forward-process inputs (``t``: noise fractions in ``[0, 1]``).
+        x_t / timestep: explicit inputs ``(S, C, H, W)`` and their noise level (``t`` one fraction, or
+            ``timestep``) instead of forward-process samples (:func:`interp.inputs.noisy_inputs`).
         maps: ``"jvp"`` (‖∂h/∂c_j‖ per channel and position) and/or ``"ablation"`` (|h(c) − h(c∖j)|).
         directions: ``"all"`` coordinate directions (exact norm) or a number of random ones (unbiased
             for the squared norm; default 8 — *ours*, a cost choice for sweeps).
-        radius: region radius for the location summaries and the CPC masks (normalised units).
+        radius: region radius for the location summaries and the CPC masks, in normalised Euclidean units
+            (a fraction of the image side, the same at every layer's resolution).
         cpc: also compute the feature-space CPC residual (needs locations).
         chunk_size: JVP directions per forward pass.
         keep_channels: keep the per-channel maps (``(T, k, C_L, h, w)``); else only channel norms.
@@ -112,16 +117,20 @@ def feature_dependence(
     """
     check_conditioning(cond)
     path = exact_site(den, site)
-    levels, seed_list = as_levels(t), as_seeds(seeds)
+    if cond.locations is not None and (radius is not None or cpc):
+        check_locations(cond.locations)
+    inputs = noisy_inputs(den, t, seeds, x_t=x_t, timestep=timestep, x0=x0, shape=shape, dtype=dtype)
+    levels = [level for level, _, _ in inputs]
+    # Rows are per sample: the seed when inputs come from the forward process, the sample index otherwise.
+    seed_list = as_seeds(seeds) if x_t is None else list(range(x_t.shape[0]))
     cond = cond.to(den.device)
     result = ProbeResult(
         "feature_dependence",
         metadata={**den.metadata(), "site": path, "directions": str(directions), "radius": radius, "k": cond.k,
-                  "seeds": seed_list, "n_samples": len(seed_list), "levels": levels},
+                  "seeds": seed_list if x_t is None else "x_t given", "n_samples": len(seed_list), "levels": levels},
     )
     store: dict[str, list[Tensor]] = {m: [] for m in maps}
-    for level in levels:
-        x_t, ts = forward_samples(den, level, seed_list, x0=x0, shape=shape, dtype=dtype)
+    for level, x_t, ts in inputs:
         acc = accumulation_dtype(x_t)
         per: dict[str, list[Tensor]] = {m: [] for m in maps}
         if "jvp" in maps:
@@ -141,14 +150,14 @@ def feature_dependence(
                     per["jvp"].append(sq / x_t.shape[0])  # (C_L, h, w)
         if "ablation" in maps or (cpc and cond.locations is not None):
             with torch.no_grad():
-                full = activation(den, path, x_t, ts, cond).to(acc)
+                full = activation(den, path, cond, x_t=x_t, timestep=ts).to(acc)
                 if "ablation" in maps:
                     for j in range(cond.k):
-                        per["ablation"].append((full - activation(den, path, x_t, ts, cond.drop(j)).to(acc)).abs().mean(0))
+                        per["ablation"].append((full - activation(den, path, cond.drop(j), x_t=x_t, timestep=ts).to(acc)).abs().mean(0))
                 if cpc and cond.locations is not None:
-                    null = activation(den, path, x_t, ts, cond.null()).to(acc)
+                    null = activation(den, path, cond.null(), x_t=x_t, timestep=ts).to(acc)
                     masks = composition_masks(cond.locations, tuple(full.shape[-2:]), radius or 0.2).to(full.device)
-                    singles = [activation(den, path, x_t, ts, cond.only(j)).to(acc) for j in range(cond.k)]
+                    singles = [activation(den, path, cond.only(j), x_t=x_t, timestep=ts).to(acc) for j in range(cond.k)]
                     diff = full - masked_composition(null, singles, masks)
                     rho = diff.flatten(1).norm(dim=1) / (full - null).flatten(1).norm(dim=1).clamp_min(1e-30)
                     for s, seed in enumerate(seed_list):
@@ -206,8 +215,8 @@ def concept_cosines(
     names = list(concepts)
     null = null if null is not None else next(iter(concepts.values())).null()
     with torch.no_grad():
-        mu_b = activation(den, path, x_t, ts, null.to(den.device)).double().mean(0).flatten()
-        d = torch.stack([activation(den, path, x_t, ts, concepts[n].to(den.device)).double().mean(0).flatten() - mu_b for n in names])
+        mu_b = activation(den, path, null.to(den.device), x_t=x_t, timestep=ts).double().mean(0).flatten()
+        d = torch.stack([activation(den, path, concepts[n].to(den.device), x_t=x_t, timestep=ts).double().mean(0).flatten() - mu_b for n in names])
     norms = d.norm(dim=1)
     cos = (d @ d.T) / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
     result = ProbeResult("concept_cosines", metadata={**den.metadata(), "site": path, "t": t, "timestep": int(ts),
@@ -259,7 +268,7 @@ def linear_probe_map(
     feats, ys = [], []
     with torch.no_grad():
         for c, y in zip(conds, labels):
-            h = activation(den, path, x_t, ts, c.to(den.device)).double().cpu().numpy()  # (S, C_L, h, w)
+            h = activation(den, path, c.to(den.device), x_t=x_t, timestep=ts).double().cpu().numpy()  # (S, C_L, h, w)
             feats.append(h)
             ys += [y] * h.shape[0]
     X = np.concatenate(feats)  # (N, C_L, h, w)

@@ -28,7 +28,7 @@ from torch import Tensor
 from interp import Conditioning, Denoiser
 from interp.evaluate import Branch, Output, accumulation_dtype, evaluate
 from interp.forward_mode import forward_mode_ready
-from interp.inputs import PixelSpec, as_levels, as_seeds, forward_samples, pixel_list
+from interp.inputs import PixelSpec, as_seeds, noisy_inputs, pixel_list, resolve_timestep
 from interp.results import ProbeResult
 from interp.validation import check_finite, format_bytes, parse_bytes
 from probes.summaries import DEFAULT_QUANTILES, pixel_summaries
@@ -111,12 +111,32 @@ def basis_cotangents(pixels: Tensor, shape: Sequence[int], *, dtype: torch.dtype
     return cot.reshape(P * C, C, H, W)
 
 
+def _legacy_positional(fn: str, den: Denoiser, cond: Any, args: tuple, x_t: Tensor | None, timestep: Any) -> tuple[Any, Tensor | None, Any]:
+    """Accept the pre-0.2 positional call ``fn(den, x_t, timestep, cond)`` for one release, with a warning."""
+    if not isinstance(cond, Tensor):
+        if args:
+            raise TypeError(f"{fn}() takes (den, cond) positionally; pass x_t=, t= / timestep= by keyword")
+        return cond, x_t, timestep
+    import warnings
+
+    if len(args) != 2 or x_t is not None or timestep is not None:
+        raise TypeError(f"{fn}(den, x_t, timestep, cond) is the old call; use {fn}(den, cond, x_t=x_t, timestep=timestep)")
+    warnings.warn(
+        f"{fn}(den, x_t, timestep, cond) is deprecated: call {fn}(den, cond, x_t=x_t, t=fraction) "
+        "(or timestep=... for a raw training timestep)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return args[1], cond, args[0]
+
+
 def pixel_jacobian(
     den: Denoiser,
-    x_t: Tensor,
-    t: Tensor | int,
     cond: Conditioning,
-    *,
+    *legacy: Any,
+    x_t: Tensor | None = None,
+    t: float | None = None,
+    timestep: Tensor | float | int | None = None,
     pixels: PixelSpec = "all",
     branch: Branch = "cond",
     output: Output = "prediction",
@@ -124,25 +144,28 @@ def pixel_jacobian(
     memory_budget: int | str | None = None,
     derivative_ready: bool = False,
 ) -> Tensor:
-    """Dense Jacobian rows ``∂D_{c_out, i} / ∂x`` for the requested output pixels.
+    """Dense Jacobian rows ``∂D_{c_out, i} / ∂x`` for the requested output pixels, at given inputs.
 
     Args:
         den: the denoiser.
-        x_t: ``(S, C, H, W)`` inputs (each sample is linearised separately).
-        t: training timestep (scalar).
         cond: the conditioning (broadcast over samples).
-        pixels: ``"all"``, a grid stride, or ``(row, col)`` pairs (see :func:`interp.inputs.pixel_list`).
+        x_t: ``(S, C, H, W)`` inputs (each sample is linearised separately).
+        t / timestep: their noise level — a noise fraction ``t`` in ``[0, 1]`` or the raw training
+            ``timestep`` (exactly one).
+        pixels: ``"all"``, a grid stride, or integer ``(row, col)`` pairs (see :func:`interp.inputs.pixel_list`).
         branch / output: which function is differentiated (prediction or score, CFG branch).
         chunk_size / memory_budget: VJP batching (see :class:`RowEngine`).
-        derivative_ready: swap in the plain attention processor while differentiating (restored after).
+        derivative_ready: differentiate inside :func:`interp.forward_mode.forward_mode_ready` (math SDPA).
             Off by default: on CPU the fused SDPA backward, though it has no batching rule, was not slower.
 
     Returns:
         ``(S, P, C_out, C_in, H, W)`` in the accumulation dtype (float32, float64 for float64 input).
     """
+    cond, x_t, timestep = _legacy_positional("pixel_jacobian", den, cond, legacy, x_t, timestep)
     rows: list[list[Tensor]] = []
-    for s, _, block in iter_jacobian_blocks(den, x_t, t, cond, pixels=pixels, branch=branch, output=output, chunk_size=chunk_size,
-                                            memory_budget=memory_budget, derivative_ready=derivative_ready):
+    for s, _, block in iter_jacobian_blocks(den, cond, x_t=x_t, t=t, timestep=timestep, pixels=pixels, branch=branch,
+                                            output=output, chunk_size=chunk_size, memory_budget=memory_budget,
+                                            derivative_ready=derivative_ready):
         if s == len(rows):
             rows.append([])
         rows[s].append(block)
@@ -151,10 +174,11 @@ def pixel_jacobian(
 
 def iter_jacobian_blocks(
     den: Denoiser,
-    x_t: Tensor,
-    t: Tensor | int,
     cond: Conditioning,
     *,
+    x_t: Tensor | None,
+    t: float | None = None,
+    timestep: Tensor | float | int | None = None,
     pixels: PixelSpec = "all",
     block: int = 256,
     branch: Branch = "cond",
@@ -168,14 +192,17 @@ def iter_jacobian_blocks(
     One linearisation per sample; callers that only need a reduction (Niedoba's ``G``) never hold more than
     one block of rows (a full SDXL-latent Jacobian, 4×128² rows of 4×128², would not fit in memory).
     """
-    if x_t.dim() != 4:
-        raise ValueError(f"x_t must be (S, C, H, W), got {tuple(x_t.shape)}")
+    if not isinstance(x_t, Tensor) or x_t.dim() != 4:
+        raise ValueError(f"x_t must be a (S, C, H, W) tensor, got {getattr(x_t, 'shape', type(x_t).__name__)}")
+    # Inputs are checked here, before torch.func transforms hide NaNs from the Denoiser's own checks.
+    check_finite("x_t", x_t)
+    ts = resolve_timestep(den, t=t, timestep=timestep)
     px = pixel_list(pixels, tuple(x_t.shape[-2:]))
     acc = accumulation_dtype(x_t)
     ctx = forward_mode_ready(den.unet) if derivative_ready else contextlib.nullcontext()
     with ctx:
         for s in range(x_t.shape[0]):
-            fn = lambda x: evaluate(den, x, t, cond, branch=branch, output=output)  # noqa: E731
+            fn = lambda x: evaluate(den, x, ts, cond, branch=branch, output=output)  # noqa: E731
             eng = RowEngine(fn, x_t[s : s + 1], chunk_size=chunk_size, memory_budget=memory_budget)
             C_out = eng.out.shape[1]
             for start in range(0, px.shape[0], block):
@@ -193,15 +220,18 @@ def aggregate_map(jac: Tensor) -> Tensor:
 def pixel_locality(
     den: Denoiser,
     cond: Conditioning,
-    t: float | Sequence[float],
+    t: float | Sequence[float] | None = None,
     seeds: int | Sequence[int] = 4,
     *,
+    x_t: Tensor | None = None,
+    timestep: Tensor | float | int | None = None,
     pixels: PixelSpec = "all",
     x0: Tensor | None = None,
     shape: Sequence[int] | None = None,
     branch: Branch = "cond",
     output: Output = "prediction",
     method: Literal["dense", "compressed"] = "dense",
+    radius_px: int | None = None,
     radius: int | None = None,
     quantiles: Sequence[float] = DEFAULT_QUANTILES,
     chunk_size: int | None = None,
@@ -215,13 +245,16 @@ def pixel_locality(
         den: the denoiser. cond: its conditioning.
         t: noise fraction(s) in ``[0, 1]``.
         seeds: forward-process samples (a count or a list of seeds).
+        x_t: explicit inputs ``(S, C, H, W)`` instead of forward-process samples; their noise level is ``t``
+            (one fraction) or ``timestep`` (see :func:`interp.inputs.noisy_inputs`).
         pixels: output pixels ``i`` (``"all"``, a grid stride, or ``(row, col)`` pairs).
         x0: clean images the forward process starts from (default: zeros, see :mod:`interp.inputs`).
         shape: ``(C, H, W)`` for networks whose config does not say it.
         branch / output: CFG branch and prediction-or-score.
         method: ``"dense"`` (one VJP per row) or ``"compressed"`` (coloured probing for local models,
-            certified, dense fallback; needs ``radius``, see :mod:`probes.compressed`).
-        radius: hypothesised receptive-field radius in pixels for ``method="compressed"``.
+            certified, dense fallback; needs ``radius_px``, see :mod:`probes.compressed`).
+        radius_px: hypothesised receptive-field radius in pixels (Chebyshev) for ``method="compressed"``.
+        radius: deprecated name of ``radius_px``.
         quantiles: mass fractions for the square-side and radius summaries.
         chunk_size / memory_budget: VJP batching.
         keep_jacobian: also return the full rows (``"jacobian"``: ``(T, S, P, C_out, C_in, H, W)``).
@@ -232,8 +265,19 @@ def pixel_locality(
         ``side_50, radius_50, ..., participation_ratio`` per ``(t, pixel_row, pixel_col)``, plus
         ``backward_passes`` per ``t``.
     """
-    levels = as_levels(t)
-    seed_list = as_seeds(seeds)
+    if radius is not None:
+        import warnings
+
+        warnings.warn("pixel_locality(radius=) is deprecated: the pixel radius is radius_px= (Chebyshev pixels); "
+                      "`radius` means normalised units everywhere else", DeprecationWarning, stacklevel=2)
+        radius_px = radius if radius_px is None else radius_px
+    if method not in ("dense", "compressed"):
+        raise ValueError(f"method must be 'dense' or 'compressed', got {method!r}")
+    if method == "compressed" and radius_px is None:
+        raise ValueError("method='compressed' needs radius_px= (the hypothesised receptive-field radius in pixels)")
+    inputs = noisy_inputs(den, t, seeds, x_t=x_t, timestep=timestep, x0=x0, shape=shape, dtype=dtype)
+    levels = [level for level, _, _ in inputs]
+    seed_list = as_seeds(seeds) if x_t is None else None
     result = ProbeResult(
         "pixel_locality",
         metadata={
@@ -242,45 +286,42 @@ def pixel_locality(
             "branch": branch,
             "output": output,
             "method": method,
-            "seeds": seed_list,
-            "n_samples": len(seed_list),
+            "seeds": seed_list if seed_list is not None else "x_t given",
+            "n_samples": int(inputs[0][1].shape[0]),
             "levels": levels,
-            "x0": "given" if x0 is not None else "zeros",
+            "x0": "x_t given" if x_t is not None else ("given" if x0 is not None else "zeros"),
         },
     )
     maps, jacs = [], []
     px = None
-    for level in levels:
-        x_t, ts = forward_samples(den, level, seed_list, x0=x0, shape=shape, dtype=dtype)
-        px = pixel_list(pixels, tuple(x_t.shape[-2:]))
+    for level, xs, ts in inputs:
+        px = pixel_list(pixels, tuple(xs.shape[-2:]))
         if method == "dense" and not keep_jacobian:
             G = None
             passes = 0
-            for s, sl, rows in iter_jacobian_blocks(den, x_t, ts, cond, pixels=px, branch=branch, output=output,
+            for s, sl, rows in iter_jacobian_blocks(den, cond, x_t=xs, timestep=ts, pixels=px, branch=branch, output=output,
                                                     chunk_size=chunk_size, memory_budget=memory_budget):
                 if G is None:
                     G = torch.zeros(px.shape[0], *rows.shape[-2:], dtype=rows.dtype, device=rows.device)
-                G[sl] += rows.abs().sum(dim=(1, 2)) / x_t.shape[0]
+                G[sl] += rows.abs().sum(dim=(1, 2)) / xs.shape[0]
                 passes += rows.shape[0] * rows.shape[1]
             jac = None
             certified = torch.ones(px.shape[0], dtype=torch.bool)
         elif method == "dense":
-            jac = pixel_jacobian(den, x_t, ts, cond, pixels=px, branch=branch, output=output, chunk_size=chunk_size, memory_budget=memory_budget)
+            jac = pixel_jacobian(den, cond, x_t=xs, timestep=ts, pixels=px, branch=branch, output=output,
+                                 chunk_size=chunk_size, memory_budget=memory_budget)
             passes = jac.shape[0] * jac.shape[1] * jac.shape[2]
             certified = torch.ones(px.shape[0], dtype=torch.bool)
-        elif method == "compressed":
+        else:
             from probes.compressed import compressed_jacobian
 
-            if radius is None:
-                raise ValueError("method='compressed' needs radius= (the hypothesised receptive-field radius in pixels)")
-            cj = compressed_jacobian(den, x_t, ts, cond, radius=radius, branch=branch, output=output, chunk_size=chunk_size, memory_budget=memory_budget)
-            H, W = x_t.shape[-2:]
+            cj = compressed_jacobian(den, cond, x_t=xs, timestep=ts, radius_px=radius_px, branch=branch, output=output,
+                                     chunk_size=chunk_size, memory_budget=memory_budget)
+            H, W = xs.shape[-2:]
             flat = px[:, 0] * W + px[:, 1]
             jac = cj.jacobian[:, flat]
             passes = cj.passes
             certified = cj.certified.all(0)[flat]
-        else:
-            raise ValueError(f"method must be 'dense' or 'compressed', got {method!r}")
         if jac is not None:
             G = aggregate_map(jac)
         maps.append(G.float())

@@ -120,7 +120,7 @@ def test_bad_inputs_name_the_problem(tiny_clevr_pipe):
         den(x, 10, Conditioning.from_tokens(torch.zeros(1, 8), []))
     with pytest.raises(ValueError, match="2 conditionings for a batch of 1"):
         den(x, 10, [cond, cond])
-    with pytest.raises(ValueError, match=r"t must be a scalar or \(1,\)"):
+    with pytest.raises(ValueError, match=r"timestep must be a scalar or \(1,\)"):
         den(x, torch.tensor([1, 2, 3]), cond)
     with pytest.raises(ValueError, match="timesteps must lie"):
         den.alpha_bar(5000)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,27 +36,28 @@ def folder_bytes(folder: Path) -> int:
 
 def ship(run_dir: str | Path, name: str, *, eval_result: dict[str, Any] | None = None, assets: Path = ASSETS, note: str = "") -> Path:
     """Export a run's latest EMA weights as shipped checkpoint ``name`` (fp16) and record it in the manifest."""
-    from interp.clevr.train import pipeline_from_checkpoint
+    from interp.clevr.train import pipeline_from_checkpoint, swap_in_folder
 
     if name not in SHIPPED:
         raise ValueError(f"shipped checkpoint names are {SHIPPED}, got {name!r}")
+    dest = Path(assets) / name
+    # Only a previous shipped pipeline is ever replaced; checked before the export does any work.
+    if os.path.lexists(dest) and not (dest.is_dir() and not dest.is_symlink() and (dest / "model_index.json").is_file()):
+        raise FileExistsError(f"{dest} exists and is not a shipped pipeline folder (no model_index.json); move it away")
     pipe = pipeline_from_checkpoint(run_dir)
     state = pipe._scorescope_state
-    dest = Path(assets) / name
-    import tempfile
-
+    Path(assets).mkdir(parents=True, exist_ok=True)
     # A fresh, uniquely named folder beside the destination: nothing but this export is ever deleted.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=assets))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=assets))
     try:
         pipe.to(torch.float16).save_pretrained(str(tmp))
         size = folder_bytes(tmp)
         if size > MAX_BYTES_EACH:
             raise ValueError(f"checkpoint {name} is {size / 2**20:.1f} MiB, over the {MAX_BYTES_EACH / 2**20:.0f} MiB limit")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # the export folder this call created, nothing else
+        shutil.rmtree(tmp)  # the export folder this call created, nothing else
         raise
-    shutil.rmtree(dest, ignore_errors=True)  # the previous shipped checkpoint of this name (ours)
-    os.replace(tmp, dest)
+    swap_in_folder(tmp, dest)  # the previous shipped checkpoint of this name is renamed aside, then deleted
     with _manifest_lock(Path(assets)):
         return _record(pipe, state, name, dest, size, eval_result, Path(assets), note)
 

@@ -57,6 +57,11 @@ class ClevrStream:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {sorted(RECIPE_DATA)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.size < 8:
+            raise ValueError(f"size must be at least 8 pixels, got {self.size}")
+        # numpy's SeedSequence refuses negative entries, which would only surface at the first batch.
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
     @property
     def max_conditioners(self) -> int:

@@ -13,8 +13,8 @@ are also scored on whether each matched object has the requested colour (``colou
 
 from __future__ import annotations
 
-import json
-import os
+import io
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +28,7 @@ from interp.clevr.detect import DetectorConfig, detect
 from interp.clevr.attributes import read_colours
 from interp.clevr.metrics import MATCH_RADIUS, colour_accuracy, count_stats
 from interp.clevr.render import COLOUR_NAMES, MAX_OBJECTS, sample_positions
+from interp.io import atomic_write, atomic_write_json, check_writable_file
 
 #: The training range of the Exp1–3 recipes (shaded in the figure).
 TRAIN_RANGE: tuple[int, int] = (1, 3)
@@ -37,22 +38,32 @@ FRACTIONS: tuple[str, ...] = ("count_acc", "recall", "precision", "colour_acc")
 
 
 def parse_counts(spec: str | Sequence[int]) -> list[int]:
-    """``"0-10"``, ``"1,2,6"`` or a list → sorted unique counts, each checked against :data:`MAX_OBJECTS`."""
+    """``"0-10"``, ``"1,2,6"`` or a list → sorted unique counts, each checked against :data:`MAX_OBJECTS`.
+
+    Raises ``ValueError`` for anything that is not a list of integers or ascending ranges (a reversed range
+    such as ``"5-3"`` is refused rather than read as no counts).
+    """
     if isinstance(spec, str):
         out: list[int] = []
         for part in spec.replace(" ", "").split(","):
             if not part:
                 continue
+            a, dash, b = part.partition("-")
             try:
-                if "-" in part:
-                    a, b = part.split("-", 1)
-                    out.extend(range(int(a), int(b) + 1))
-                else:
-                    out.append(int(part))
+                lo, hi = int(a), int(b if dash else a)  # "1-" (a range missing its end) does not parse
             except ValueError:
                 raise ValueError(f"cannot parse counts {spec!r}: use a range like '0-10' or a list like '1,2,6'") from None
+            if min(lo, hi) < 0:
+                raise ValueError(f"requested counts in {part!r} are outside 0…{MAX_OBJECTS} (the renderer's maximum number of objects)")
+            if hi < lo:
+                raise ValueError(f"the range {part!r} in counts {spec!r} is reversed; write it as '{hi}-{lo}'")
+            out.extend(range(lo, hi + 1))
     else:
-        out = [int(k) for k in spec]
+        out = []
+        for k in spec:
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+                raise ValueError(f"counts must be integers, got {k!r} in {list(spec)!r}")
+            out.append(int(k))
     if not out:
         raise ValueError(f"no counts in {spec!r}")
     bad = [k for k in out if not 0 <= k <= MAX_OBJECTS]
@@ -89,6 +100,29 @@ def generate(pipe: Any, locations: Sequence[np.ndarray], *, seed: int, steps: in
     return torch.cat(out)
 
 
+class OptionError(ValueError):
+    """A bad evaluation setting; ``option`` is the ``scorescope clevr eval`` option that sets it."""
+
+    def __init__(self, message: str, option: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+def check_eval_options(*, n: int, seed: int, steps: int, guidance_scale: float | None = None) -> None:
+    """Refuse evaluation settings that would fail late or measure nothing.
+
+    Raises :class:`OptionError` (a ``ValueError``) naming the argument and its CLI option.
+    """
+    if n < 1:
+        raise OptionError(f"n (--n) must be >= 1 scene per count, got {n}", "--n")
+    if seed < 0:
+        raise OptionError(f"seed (--seed) must be >= 0 (it seeds numpy's generator), got {seed}", "--seed")
+    if steps < 1:
+        raise OptionError(f"steps (--steps) must be >= 1 sampling step, got {steps}", "--steps")
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
+        raise OptionError(f"guidance_scale (--guidance) must be a finite number, got {guidance_scale}", "--guidance")
+
+
 def evaluate_length(
     pipe: Any,
     counts: Sequence[int] | str = range(MAX_OBJECTS + 1),
@@ -113,8 +147,11 @@ def evaluate_length(
     :func:`write_outputs` when writing the JSON).
     """
     ks = parse_counts(counts) if isinstance(counts, str) else parse_counts(list(counts))
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    check_eval_options(n=n, seed=seed, steps=steps, guidance_scale=guidance_scale)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if keep_images < 1:
+        raise ValueError(f"keep_images must be >= 1 (the sample grid needs a column), got {keep_images}")
     t0 = time.time()
     per_k, grids = [], []
     for k in ks:
@@ -172,15 +209,20 @@ def figure(result: dict[str, Any], path: str | Path, title: str | None = None) -
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
-    """Save a matplotlib figure atomically (temporary file, then rename) and close it."""
+    """Save a matplotlib figure atomically (:func:`interp.io.atomic_write`) and close it.
+
+    The format follows the suffix (``.png``, ``.pdf``, ``.svg``, ...; PNG when there is none).
+    """
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    try:
+        fig.tight_layout()
+        fig.savefig(buf, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
+    atomic_write(path, buf.getvalue())
     return path
 
 
@@ -200,27 +242,49 @@ def sample_grid(result: dict[str, Any], path: str | Path, scale: int = 3) -> Pat
             canvas[y : y + H, x : x + W] = imgs[i, j].permute(1, 2, 0).numpy()
     img = Image.fromarray((canvas * 255).round().clip(0, 255).astype(np.uint8))
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return atomic_write(Path(path), buf.getvalue())
+
+
+def output_paths(json_path: str | Path, *, figure_path: str | Path | None = None, grid_path: str | Path | None = None) -> dict[str, Path]:
+    """Resolve and check the evaluation's output files *before* any sampling.
+
+    Defaults: the figure and grid go next to the JSON (``NAME_accuracy.png``, ``NAME_samples.png``). Each path
+    must be writable (:func:`interp.io.check_writable_file`; missing folders are created) and the three must
+    differ, or one output would silently replace another.
+
+    Raises:
+        OptionError: a ``ValueError`` naming the option (``--json``, ``--figure``, ``--grid``) and the fix.
+    """
+    json_path = Path(json_path)
+    stem = json_path.with_suffix("")
+    paths = {
+        "json": json_path,
+        "figure": Path(figure_path) if figure_path else stem.with_name(stem.name + "_accuracy.png"),
+        "grid": Path(grid_path) if grid_path else stem.with_name(stem.name + "_samples.png"),
+    }
+    for key, path in paths.items():
+        try:
+            check_writable_file(path, what=f"--{key} file")
+        except ValueError as err:
+            raise OptionError(str(err), f"--{key}") from None
+    seen: dict[Path, str] = {}
+    for key, path in paths.items():
+        other = seen.setdefault(path.resolve(), key)
+        if other != key:
+            raise OptionError(f"{path} is both the --{other} and the --{key} file; give each output its own path", f"--{key}")
+    return paths
 
 
 def write_outputs(result: dict[str, Any], json_path: str | Path, *, figure_path: str | Path | None = None, grid_path: str | Path | None = None) -> dict[str, Path]:
-    """Write the JSON (atomically), the figure and the sample grid (default: next to the JSON)."""
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    stem = json_path.with_suffix("")
-    figure_path = Path(figure_path) if figure_path else stem.with_name(stem.name + "_accuracy.png")
-    grid_path = Path(grid_path) if grid_path else stem.with_name(stem.name + "_samples.png")
+    """Write the JSON, the figure and the sample grid, each atomically (paths: :func:`output_paths`)."""
+    paths = output_paths(json_path, figure_path=figure_path, grid_path=grid_path)
     data = {k: v for k, v in result.items() if not k.startswith("_")}
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=True))
-    os.replace(tmp, json_path)
-    figure(result, figure_path)
-    sample_grid(result, grid_path)
-    return {"json": json_path, "figure": figure_path, "grid": grid_path}
+    atomic_write_json(paths["json"], data)
+    figure(result, paths["figure"])
+    sample_grid(result, paths["grid"])
+    return paths
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -11,9 +11,16 @@ source of randomness is therefore a pure function of ``(seed, step)``:
   valid model too).
 
 A checkpoint holds model, EMA and AdamW state (safetensors) plus ``state.json`` (step, recipe); it is written
-to a temporary folder and renamed into place, and ``latest.json`` is replaced atomically after it, so a kill
-at any moment leaves the previous checkpoint intact. The CSV log is truncated to the checkpoint's step on
-resume. Bit-identity needs the same thread count and machine (float reductions are order-dependent).
+to a uniquely named temporary folder and renamed into place, and ``latest.json`` is replaced atomically after
+it, so a kill at any moment leaves the previous checkpoint intact. The CSV log is rewritten on (re)start to its
+header plus the rows before the checkpoint's step. Bit-identity needs the same thread count and machine (float
+reductions are order-dependent).
+
+Nothing is lost: the run folder is claimed with :func:`interp.io.prepare_output_dir` (kind ``"clevr-train"``).
+Only our own runs are resumed (marked, or made before the marker existed: ``latest.json`` plus a checkpoint
+whose ``state.json`` parses); any other non-empty folder is refused unless ``overwrite=True``, and even then a
+file in the way that this command did not create (``loss.csv``, ``latest.json``, ``pipeline/``, ``ckpt-*``)
+is refused by name rather than replaced.
 
 Multi-GPU: ``accelerate launch -m interp.clevr.cli train ...`` — each process takes batch
 ``step · world + rank``; gradients are averaged by accelerate's DDP wrapper.
@@ -25,9 +32,13 @@ a ``cpu`` profile (fits the 2-core CPU budget) and a ``gpu`` profile (bigger mod
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import os
+import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, replace
@@ -38,6 +49,18 @@ import torch
 from torch import Tensor, nn
 
 from interp.clevr.datasets import ClevrStream
+from interp.io import atomic_write, atomic_write_json, prepare_output_dir, read_marker
+
+#: Marker kind of a training run folder (:func:`interp.io.prepare_output_dir`).
+RUN_KIND = "clevr-train"
+
+
+class RecipeError(ValueError):
+    """A recipe value that cannot train anything sensible; ``option`` is the CLI option that sets it."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 @dataclass(frozen=True)
@@ -76,6 +99,32 @@ class Recipe:
     grad_clip: float = 1.0
     prediction_type: str = "epsilon"
 
+    def __post_init__(self) -> None:
+        # Refuse values that would train nothing (steps < 1), crash late (batch 0), or silently do something
+        # else than asked (an EMA decay of 1 never moves; a NaN learning rate trains NaNs).
+        def finite(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def integer(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        rules = (
+            ("steps", integer(self.steps) and self.steps >= 1, "an integer >= 1"),
+            ("batch_size", integer(self.batch_size) and self.batch_size >= 1, "an integer >= 1"),
+            ("checkpoint_every", integer(self.checkpoint_every) and self.checkpoint_every >= 1, "an integer >= 1"),
+            ("warmup", integer(self.warmup) and self.warmup >= 0, "an integer >= 0"),
+            ("size", integer(self.size) and self.size >= 8, "an integer >= 8 (pixels)"),
+            ("token_dim", integer(self.token_dim) and self.token_dim >= 1, "an integer >= 1"),
+            ("lr", finite(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("ema_decay", finite(self.ema_decay) and 0 <= self.ema_decay < 1, "in [0, 1) (1 would never update the EMA)"),
+            ("p_uncond", finite(self.p_uncond) and 0 <= self.p_uncond < 1, "in [0, 1)"),
+            ("grad_clip", finite(self.grad_clip) and self.grad_clip >= 0, "a finite number >= 0 (0: no clipping)"),
+        )
+        for name, ok, rule in rules:
+            if not ok:
+                option = "--" + name.replace("_", "-")
+                raise RecipeError(f"{name} ({option}) must be {rule}, got {getattr(self, name)!r}", option)
+
 
 _CPU_GLOBAL = dict(preset="tiny", attention_head_dim=2)
 _GPU_GLOBAL = dict(preset="small")
@@ -107,14 +156,18 @@ RECIPES: dict[str, dict[str, Recipe]] = {
 
 
 def get_recipe(name: str, profile: str = "cpu", **overrides: Any) -> Recipe:
-    """Recipe ``name`` of ``profile`` (``"cpu"`` or ``"gpu"``) with field overrides (e.g. ``steps=10``)."""
+    """Recipe ``name`` of ``profile`` (``"cpu"`` or ``"gpu"``) with field overrides (e.g. ``steps=10``).
+
+    ``None`` overrides are ignored (unset CLI options). Raises :class:`RecipeError` (a ``ValueError``) naming the
+    field and its CLI option for an unknown name or a value that cannot train (``steps=0``, ``lr=-1``, ...).
+    """
     if profile not in RECIPES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(RECIPES)}")
+        raise RecipeError(f"unknown profile {profile!r}; choose one of {sorted(RECIPES)}", "--profile")
     if name not in RECIPES[profile]:
-        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES[profile])}")
+        raise RecipeError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES[profile])}", "--recipe")
     bad = set(overrides) - set(Recipe.__dataclass_fields__)
     if bad:
-        raise ValueError(f"unknown recipe fields {sorted(bad)}; valid: {sorted(Recipe.__dataclass_fields__)}")
+        raise RecipeError(f"unknown recipe fields {sorted(bad)}; valid: {sorted(Recipe.__dataclass_fields__)}")
     return replace(RECIPES[profile][name], **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -217,55 +270,205 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, Tensor]
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+#: Names of the checkpoint folders this module writes (``ckpt-0000200``); nothing else is ever pruned.
+_CKPT_NAME = re.compile(r"ckpt-\d{7}")
+#: Header of ``loss.csv``.
+LOG_HEADER = ["step", "loss", "lr", "wall_s"]
+
+
+def _folder_mode() -> int:
+    # mkdtemp makes 0o700 folders; a checkpoint or exported pipeline should get an ordinary folder's mode
+    # (0o777 minus the umask, like os.mkdir). os.umask can only be read by setting it: restore at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+def _new_temp_folder(dest: Path) -> Path:
+    """A fresh, uniquely named hidden folder beside ``dest`` (ours alone: safe to delete on failure)."""
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+
+
+def swap_in_folder(tmp: Path, dest: Path) -> Path:
+    """Rename the finished folder ``tmp`` to ``dest``, replacing a previous ``dest`` that the caller owns.
+
+    The previous folder is first renamed aside (to a fresh temporary name), then deleted: only the folder
+    the caller asked to replace is ever removed. ``dest`` must not be a file or a symlink.
+    """
+    os.chmod(tmp, _folder_mode())
+    if not os.path.lexists(dest):
+        os.replace(tmp, dest)
+        return dest
+    if dest.is_symlink() or not dest.is_dir():
+        raise FileExistsError(f"{dest} exists and is not a folder written by this command; move it away")
+    aside = _new_temp_folder(dest)
+    os.replace(dest, aside)  # renaming a folder onto an empty folder is allowed (POSIX)
+    os.replace(tmp, dest)
+    shutil.rmtree(aside)
+    return dest
 
 
 def save_checkpoint(out: Path, step: int, model: nn.Module, ema: dict[str, Tensor], opt: torch.optim.Optimizer, recipe: Recipe, seed: int, wall: float, keep: int = 2) -> Path:
-    """Write ``out/ckpt-STEP/`` atomically and point ``out/latest.json`` at it; keep the last ``keep``."""
+    """Write ``out/ckpt-STEP/`` atomically and point ``out/latest.json`` at it; keep the last ``keep``.
+
+    Only folders named like this function's checkpoints (``ckpt-`` and seven digits) are ever pruned.
+    """
     from safetensors.torch import save_file
 
+    out = Path(out)
     final = out / f"ckpt-{step:07d}"
-    tmp = out / f".tmp-ckpt-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-    opt_tensors, opt_meta = _flat_optimizer_state(opt)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "seed": seed, "wall_s": wall, "recipe": asdict(recipe), "optimizer": opt_meta}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _atomic_write_text(out / "latest.json", json.dumps({"checkpoint": final.name, "step": step}))
-    old = sorted(p for p in out.glob("ckpt-*") if p.is_dir() and p != final)
+    tmp = _new_temp_folder(final)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        opt_tensors, opt_meta = _flat_optimizer_state(opt)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        atomic_write_json(tmp / "state.json", {"step": step, "seed": seed, "wall_s": wall, "recipe": asdict(recipe), "optimizer": opt_meta})
+    except BaseException:
+        shutil.rmtree(tmp)  # the temporary folder this call created, nothing else
+        raise
+    swap_in_folder(tmp, final)
+    atomic_write_json(out / "latest.json", {"checkpoint": final.name, "step": step}, indent=None)
+    old = sorted(p for p in out.iterdir() if _CKPT_NAME.fullmatch(p.name) and p.is_dir() and not p.is_symlink() and p != final)
     for p in old[: max(0, len(old) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(p)
     return final
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    """The folder ``out/latest.json`` points at, or ``None``."""
+    """The folder ``out/latest.json`` points at, or ``None`` when there is no ``latest.json``.
+
+    Raises:
+        FileNotFoundError: ``latest.json`` points at a checkpoint that is missing (or is unreadable): resuming
+            from scratch silently would be wrong.
+    """
     pointer = Path(out) / "latest.json"
     if not pointer.exists():
         return None
-    path = Path(out) / json.loads(pointer.read_text())["checkpoint"]
-    return path if path.exists() else None
+    try:
+        name = json.loads(pointer.read_text())["checkpoint"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise FileNotFoundError(f"{pointer} is unreadable ({err!r}); delete it to start the run over") from None
+    path = Path(out) / str(name)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(
+            f"{pointer} points at {path.name}, which is missing or incomplete; restore it, or start over with "
+            "--fresh (resume=False)"
+        )
+    return path
+
+
+def _is_legacy_run(out: Path) -> bool:
+    """A run written before the folder marker existed: ``latest.json`` plus a checkpoint whose state parses."""
+    try:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            return False
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, ValueError):  # FileNotFoundError is an OSError; JSONDecodeError a ValueError
+        return False
+    return isinstance(state, dict) and {"step", "seed", "recipe"} <= set(state)
+
+
+def _is_exported_pipeline(folder: Path) -> bool:
+    return folder.is_dir() and not folder.is_symlink() and (folder / "model_index.json").is_file() and (folder / "recipe.json").is_file()
+
+
+def _our_entries(out: Path) -> list[str]:
+    """Entries of ``out`` that this command writes (and would replace or append to)."""
+    names = {"loss.csv", "latest.json", "pipeline"}
+    return sorted(p.name for p in out.iterdir() if p.name in names or _CKPT_NAME.fullmatch(p.name))
+
+
+def claim_run_folder(out: str | Path, recipe: Recipe, seed: int = 0, *, resume: bool = True, overwrite: bool = False) -> Path | None:
+    """Check and claim the run folder ``out`` for ``recipe``; return the checkpoint to resume from (or ``None``).
+
+    Cheap (reads a few small files): call it before building anything, so a wrong folder fails at once.
+
+    * A missing or empty folder, or one of our runs (marked ``"clevr-train"``, or a pre-marker run with
+      ``latest.json`` and a parseable checkpoint): accepted. With ``resume``, its checkpoint must belong to the
+      same recipe and seed (``steps`` may grow, never shrink below the checkpoint's step).
+    * Any other non-empty folder: ``FileExistsError`` naming ``--overwrite``. With ``overwrite=True`` it is
+      claimed, but if it already holds a ``loss.csv``, ``latest.json``, ``pipeline`` or ``ckpt-*`` that this
+      command did not write, that is refused by name too: nothing we did not create is replaced.
+
+    Raises:
+        FileExistsError: the folder is not ours (see above), or ``out`` is a file.
+        FileNotFoundError: our run's ``latest.json`` points at a missing checkpoint.
+        ValueError: the checkpoint belongs to a different run, or is past ``recipe.steps``; or ``seed < 0``.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed (--seed) must be an integer >= 0, got {seed!r}")
+    out = Path(out)
+    if os.path.lexists(out) and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a folder; pass a folder path for the run")
+    marker = read_marker(out) if out.is_dir() else None
+    ours = (marker is not None and marker.get("kind") == RUN_KIND) or (out.is_dir() and marker is None and _is_legacy_run(out))
+    if not ours and out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            prepare_output_dir(out, RUN_KIND)  # raises the standard "not empty ... --overwrite" error
+        in_the_way = _our_entries(out)
+        if in_the_way:
+            raise FileExistsError(
+                f"{out} already holds {', '.join(in_the_way)}, not written by `clevr train`; --overwrite never "
+                "replaces files this command did not create: move them away or choose another --out folder"
+            )
+    pipe_dir = out / "pipeline"
+    if os.path.lexists(pipe_dir) and not _is_exported_pipeline(pipe_dir):
+        # Checked now, not after hours of training: the export at the end would have to replace it.
+        raise FileExistsError(f"{pipe_dir} exists and is not a pipeline exported by `clevr train`; move it away")
+    # A pre-marker run of ours gets the marker now (overwrite=True: it is ours, nothing is deleted).
+    prepare_output_dir(out, RUN_KIND, overwrite=overwrite or ours)
+    if not resume:
+        return None
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return None
+    state = json.loads((ckpt / "state.json").read_text())
+    # ``steps`` is not part of a run's identity: the learning rate is constant after warm-up, so a run
+    # extended to more steps continues exactly the trajectory a longer run would have taken.
+    saved = {k: v for k, v in _with_defaults(state["recipe"]).items() if k != "steps"}
+    wanted = {k: v for k, v in json.loads(json.dumps(asdict(recipe))).items() if k != "steps"}
+    if saved != wanted or state["seed"] != seed:
+        diff = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+        raise ValueError(
+            f"{out} holds a checkpoint of a different run (recipe {state['recipe']['name']!r}, seed {state['seed']}; "
+            f"differs in {diff or ['seed']}); use another --out folder or pass --fresh (resume=False) to start over"
+        )
+    if int(state["step"]) > recipe.steps:
+        raise ValueError(
+            f"{out} is already at step {state['step']}, past --steps {recipe.steps}: pass --steps >= {state['step']} "
+            "to continue it, or --fresh (resume=False) to start over"
+        )
+    return ckpt
+
+
+def _is_log_row(row: list[str]) -> bool:
+    if len(row) != len(LOG_HEADER):
+        return False
+    try:
+        int(row[0]), float(row[1])
+    except ValueError:
+        return False
+    return True
 
 
 def _truncate_log(log: Path, step: int) -> None:
-    if not log.exists():
-        return
-    with log.open() as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return
-    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < step]
-    tmp = log.with_name(log.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        csv.writer(f).writerows(keep)
-    os.replace(tmp, log)
+    """Rewrite ``log`` as the header plus its rows before ``step`` (creating it when missing or empty).
+
+    A kill can leave the log empty (before the header was flushed) or with a half-written last row; both are
+    dropped here, so the log always starts with its header.
+    """
+    rows: list[list[str]] = []
+    if log.exists():
+        with log.open(newline="") as f:
+            rows = list(csv.reader(f))
+        if rows and rows[0] != LOG_HEADER and not _is_log_row(rows[0]):
+            raise FileExistsError(f"{log} was not written by `clevr train` (header {rows[0]}); move it away")
+    keep = [r for r in rows if _is_log_row(r) and int(r[0]) < step]
+    buf = io.StringIO()
+    csv.writer(buf).writerows([LOG_HEADER, *keep])
+    atomic_write(log, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- the loop
@@ -290,47 +493,49 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train (or resume) ``recipe`` into ``out``.
 
     Args:
         recipe: what to train (:func:`get_recipe`).
         out: run folder: ``ckpt-*/``, ``latest.json``, ``loss.csv``, and at the end ``pipeline/`` (EMA weights).
-        seed: seeds initialisation, data, noise and dropout.
-        threads: ``torch.set_num_threads`` (default: leave as is). Resume with the same value for bit-identity.
-        resume: continue from ``out/latest.json`` if present (recipe and seed must match).
+            Claimed by :func:`claim_run_folder`: a missing or empty folder, or one of our runs.
+        seed: seeds initialisation, data, noise and dropout (>= 0).
+        threads: ``torch.set_num_threads`` (>= 1; default: leave as is). Resume with the same value for
+            bit-identity.
+        resume: continue from ``out/latest.json`` if present (recipe and seed must match); ``False`` starts
+            our run over (its checkpoints are replaced as the new run writes its own).
         stop_after: stop (after checkpointing) once this step is reached — simulates an interruption in tests.
         progress: show a tqdm bar.
         on_step: ``callback(step, loss)`` after each step.
+        overwrite: write into a non-empty folder that is not one of our runs (never replacing a file we did
+            not create: see :func:`claim_run_folder`).
     """
     from accelerate import Accelerator
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads (--threads) must be an integer >= 1, got {threads!r}")
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after must be >= 1, got {stop_after!r}")
+    out = Path(out)
+    # Every check happens here, before the model is built: a wrong folder fails in milliseconds.
+    ckpt = claim_run_folder(out, recipe, seed, resume=resume, overwrite=overwrite)
     if threads:
         torch.set_num_threads(threads)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     accel = Accelerator(cpu=not torch.cuda.is_available())
+    if not resume and accel.is_main_process and (out / "latest.json").exists():
+        # Starting our run over: a kill before the new run's first checkpoint must not resume the old one.
+        os.unlink(out / "latest.json")
     pipe = build_pipeline(recipe, seed)
     model = _Trainable(pipe.unet, pipe.location_encoder)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     start, wall_before = 0, 0.0
-
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
+    if ckpt is not None:  # same recipe and seed: checked by claim_run_folder
         state = json.loads((ckpt / "state.json").read_text())
-        # ``steps`` is not part of a run's identity: the learning rate is constant after warm-up, so a run
-        # extended to more steps continues exactly the trajectory a longer run would have taken.
-        saved = {k: v for k, v in _with_defaults(state["recipe"]).items() if k != "steps"}
-        wanted = {k: v for k, v in json.loads(json.dumps(asdict(recipe))).items() if k != "steps"}
-        if saved != wanted or state["seed"] != seed:
-            diff = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
-            raise ValueError(
-                f"{out} holds a checkpoint of a different run (recipe {state['recipe']['name']!r}, seed {state['seed']}; "
-                f"differs in {diff or ['seed']}); use another --out folder or pass resume=False to start over"
-            )
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
         ema = load_file(str(ckpt / "ema.safetensors"))
         _load_optimizer_state(opt, load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
@@ -342,12 +547,12 @@ def train(
     alphas = scheduler.alphas_cumprod.to(accel.device)
     stream = ClevrStream(recipe.data, recipe.batch_size, recipe.size, seed)
     log = out / "loss.csv"
-    _truncate_log(log, start)
-    new_log = not log.exists()
-    logf = log.open("a", newline="")
+    if accel.is_main_process:
+        # Header plus the rows before ``start``, written atomically: also right after a kill that left the log
+        # empty or with rows past the checkpoint.
+        _truncate_log(log, start)
+    logf = log.open("a", newline="") if accel.is_main_process else open(os.devnull, "w", newline="")
     writer = csv.writer(logf)
-    if new_log:
-        writer.writerow(["step", "loss", "lr", "wall_s"])
     t0 = time.time()
     losses: list[float] = []
     end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
@@ -392,7 +597,7 @@ def train(
             if accel.is_main_process and (done % recipe.checkpoint_every == 0 or done == end):
                 logf.flush()
                 save_checkpoint(out, done, inner, ema, raw_opt, recipe, seed, wall_before + time.time() - t0)
-        step = end
+        step = max(start, end)
     finally:
         logf.close()
     wall = wall_before + time.time() - t0
@@ -411,15 +616,23 @@ def ema_pipeline(recipe: Recipe, seed: int, ema: dict[str, Tensor]):
 
 
 def export_ema_pipeline(recipe: Recipe, seed: int, ema: dict[str, Tensor], dest: Path) -> Path:
-    """Save the EMA weights as a pipeline folder at ``dest`` (written beside it, then renamed into place)."""
+    """Save the EMA weights as a pipeline folder at ``dest`` (written beside it, then renamed into place).
+
+    A previous ``dest`` is replaced only if it is an earlier export (``model_index.json`` and ``recipe.json``);
+    anything else there raises ``FileExistsError`` before any work.
+    """
+    dest = Path(dest)
+    if os.path.lexists(dest) and not _is_exported_pipeline(dest):
+        raise FileExistsError(f"{dest} exists and is not a pipeline exported by `clevr train`; move it away")
     pipe = ema_pipeline(recipe, seed, ema)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(str(tmp))
-    (tmp / "recipe.json").write_text(json.dumps({"recipe": asdict(recipe), "seed": seed}, indent=1))
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
-    return dest
+    tmp = _new_temp_folder(dest)
+    try:
+        pipe.save_pretrained(str(tmp))
+        atomic_write_json(tmp / "recipe.json", {"recipe": asdict(recipe), "seed": seed})
+    except BaseException:
+        shutil.rmtree(tmp)  # the temporary folder this call created, nothing else
+        raise
+    return swap_in_folder(tmp, dest)
 
 
 def pipeline_from_checkpoint(run_dir: str | Path, *, ema: bool = True):

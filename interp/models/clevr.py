@@ -22,6 +22,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
 
 from interp.conditioning import Conditioning
+from interp.validation import check_locations
 
 CLEVR_PRESETS: dict[str, dict[str, Any]] = {
     # 1.7M parameters: the CPU preset.
@@ -100,43 +101,75 @@ class LocationEncoder(ModelMixin, ConfigMixin):
         Returns:
             ``tokens (B, 1 + K, D)`` with the null token first, and ``mask (B, 1 + K)``.
         """
+        mask = check_batch_locations(locations, mask)
         B, K, _ = locations.shape
-        if mask is None:
-            mask = torch.ones(B, K, dtype=torch.bool, device=locations.device)
         tokens = self.mlp(self.features(locations))
         null = self.null_token.expand(B, 1, -1)
         full_mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=mask.device), mask], dim=1)
         return torch.cat([null, tokens], dim=1), full_mask
 
     def conditioning(self, locations: Tensor | Sequence[Sequence[float]], *, labels: Sequence[str] | None = None) -> Conditioning:
-        """A :class:`Conditioning` with one conditioner per location (and the null token as context)."""
+        """A :class:`Conditioning` with one conditioner per location ``(k, 2)`` (and the null token as context).
+
+        The tokens follow the encoder's dtype; ``Conditioning.locations`` keeps the caller's precision
+        (a float64 tensor stays float64, see :func:`validate_locations`), on CPU.
+        """
         loc = validate_locations(locations)
         p = self.null_token
-        loc = loc.to(device=p.device, dtype=p.dtype)
-        tokens = self.mlp(self.features(loc)) if loc.shape[0] else p.new_zeros((0, p.shape[1]))
+        tokens = self.mlp(self.features(loc.to(device=p.device, dtype=p.dtype))) if loc.shape[0] else p.new_zeros((0, p.shape[1]))
         return Conditioning.from_tokens(
             self.null_token,
             list(tokens.unbind(0)),
-            labels=labels or [f"obj{j}" for j in range(loc.shape[0])],
-            locations=loc.detach().float().cpu(),
+            labels=labels if labels is not None else [f"obj{j}" for j in range(loc.shape[0])],
+            locations=loc.detach().cpu(),
         )
 
 
 def validate_locations(locations: Tensor | Sequence[Sequence[float]], max_objects: int | None = None) -> Tensor:
-    """Check a ``(k, 2)`` array of normalised ``(x, y)`` locations and return it as float32."""
-    loc = torch.as_tensor(locations, dtype=torch.float32)
-    if loc.numel() == 0:
+    """Check a ``(k, 2)`` array of normalised ``(x, y)`` locations in ``[0, 1]`` and return it as a tensor.
+
+    A floating tensor keeps its dtype (float64 locations stay float64: probes compute distances from them);
+    sequences, numpy arrays of integers and integer tensors become float32. ``[]`` gives ``(0, 2)``.
+    """
+    if isinstance(locations, Tensor):
+        loc = locations
+    else:
+        try:
+            loc = torch.as_tensor(locations)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"locations must be a (k, 2) array of (x, y) numbers, got {type(locations).__name__}: {err}") from None
+    if loc.dtype == torch.bool or loc.is_complex():
+        raise TypeError(f"locations must be real (x, y) numbers, got {loc.dtype}")
+    if not loc.is_floating_point():
+        loc = loc.to(torch.float32)
+    if loc.numel() == 0 and (loc.dim() == 1 or tuple(loc.shape) == (0, 2)):
         return loc.reshape(0, 2)
     if loc.dim() != 2 or loc.shape[1] != 2:
         raise ValueError(f"locations must be (k, 2) normalised (x, y) pairs, got shape {tuple(loc.shape)}")
-    if not torch.isfinite(loc).all():
-        raise ValueError("locations contain NaN or Inf")
-    if (loc < 0).any() or (loc > 1).any():
-        bad = loc[((loc < 0) | (loc > 1)).any(1)].tolist()
-        raise ValueError(f"locations must lie in [0, 1] (normalised image coordinates); out of range: {bad}")
+    check_locations("locations", loc)
     if max_objects is not None and loc.shape[0] > max_objects:
-        raise ValueError(f"{loc.shape[0]} locations requested, more than the maximum of {max_objects}")
+        raise ValueError(f"{loc.shape[0]} locations requested, more than the maximum of {max_objects} (max_objects)")
     return loc
+
+
+def check_batch_locations(locations: Tensor, mask: Tensor | None) -> Tensor:
+    """Check an encoder's padded batch: ``locations (B, K, 2)`` in ``[0, 1]`` where ``mask (B, K)`` is True.
+
+    Returns the mask (all True when ``mask`` is None). Padded slots (mask False) may hold any value.
+    Value checks are skipped inside ``torch.func`` transforms.
+    """
+    if not isinstance(locations, Tensor) or locations.dim() != 3 or locations.shape[-1] != 2:
+        shape = tuple(locations.shape) if isinstance(locations, Tensor) else type(locations).__name__
+        raise ValueError(f"locations must be a padded batch (B, K, 2) of normalised (x, y), got {shape}")
+    if mask is None:
+        mask = torch.ones(locations.shape[:2], dtype=torch.bool, device=locations.device)
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        kind = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor (True = real object), got {kind}; use mask.bool()")
+    if mask.shape != locations.shape[:2]:
+        raise ValueError(f"mask must be (B, K) = {tuple(locations.shape[:2])}, got {tuple(mask.shape)}")
+    check_locations("locations", locations, mask)
+    return mask
 
 
 class ClevrPipeline(DiffusionPipeline):

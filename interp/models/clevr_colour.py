@@ -18,7 +18,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
 
 from interp.conditioning import Conditioning
-from interp.models.clevr import LocationEncoder, validate_locations
+from interp.models.clevr import LocationEncoder, check_batch_locations, validate_locations
 
 #: CLEVR's 8 colours: the colour vocabulary of :class:`ColourLocationEncoder` (index = token colour id). The
 #: renderer (:mod:`interp.clevr.render`) draws them in this order.
@@ -26,17 +26,25 @@ COLOUR_NAMES: tuple[str, ...] = ("gray", "red", "blue", "green", "brown", "purpl
 
 
 def colour_indices(colours: Sequence[str | int] | Tensor) -> Tensor:
-    """Colour names or indices → ``(k,)`` int64 indices into :data:`COLOUR_NAMES`."""
+    """Colour names or integer indices → ``(k,)`` int64 indices into :data:`COLOUR_NAMES`."""
+    if isinstance(colours, str):  # iterating would read "red" as the colours "r", "e", "d"
+        raise TypeError(f"colours must be a list with one colour per location, got the string {colours!r}; pass [{colours!r}]")
+    if isinstance(colours, Tensor):
+        if colours.is_floating_point() or colours.dtype == torch.bool or colours.dim() > 1:
+            raise TypeError(f"colours must be a (k,) integer tensor of colour indices, got {colours.dtype} {tuple(colours.shape)}")
+        colours = colours.reshape(-1).tolist()
     out = []
-    for c in (colours.tolist() if isinstance(colours, Tensor) else colours):
+    for c in colours:
         if isinstance(c, str):
             if c not in COLOUR_NAMES:
-                raise ValueError(f"unknown colour {c!r}; choose one of {list(COLOUR_NAMES)}")
+                raise ValueError(f"unknown colour {c!r} in colours; choose one of {list(COLOUR_NAMES)}")
             out.append(COLOUR_NAMES.index(c))
-        else:
-            if not 0 <= int(c) < len(COLOUR_NAMES):
-                raise ValueError(f"colour index {c} out of range [0, {len(COLOUR_NAMES)})")
-            out.append(int(c))
+            continue
+        if isinstance(c, bool) or not hasattr(c, "__index__"):
+            raise TypeError(f"colours must be names or integer indices, got {type(c).__name__} {c!r}")
+        if not 0 <= int(c) < len(COLOUR_NAMES):
+            raise ValueError(f"colour index {int(c)} in colours out of range [0, {len(COLOUR_NAMES)})")
+        out.append(int(c))
     return torch.tensor(out, dtype=torch.long)
 
 
@@ -64,9 +72,11 @@ class ColourLocationEncoder(LocationEncoder):
         """``(B, K, 2)`` locations, ``(B, K)`` mask and colours → tokens ``(B, 1 + K, dim)``, mask ``(B, 1 + K)``."""
         if colours is None:
             raise ValueError("the colour encoder needs colours=(B, K) indices alongside the locations")
+        mask = check_batch_locations(locations, mask)
         B, K, _ = locations.shape
-        if mask is None:
-            mask = torch.ones(B, K, dtype=torch.bool, device=locations.device)
+        if not isinstance(colours, Tensor) or colours.shape != (B, K) or colours.is_floating_point() or colours.dtype == torch.bool:
+            got = f"{colours.dtype} {tuple(colours.shape)}" if isinstance(colours, Tensor) else type(colours).__name__
+            raise ValueError(f"colours must be a ({B}, {K}) integer tensor of colour indices, got {got}")
         tokens = self.encode(locations, colours)
         null = self.null_token.expand(B, 1, -1)
         full_mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=mask.device), mask], dim=1)
@@ -85,14 +95,14 @@ class ColourLocationEncoder(LocationEncoder):
             raise ValueError("colour-conditioned model: pass colours=[...] (one name or index per location)")
         idx = colour_indices(colours)
         if len(idx) != loc.shape[0]:
-            raise ValueError(f"{len(idx)} colours for {loc.shape[0]} locations")
+            raise ValueError(f"{len(idx)} colours for {loc.shape[0]} locations: pass one colour per location")
         p = self.null_token
         tokens = self.encode(loc.to(p.device, p.dtype), idx.to(p.device)) if len(idx) else p.new_zeros((0, p.shape[1]))
         names = [COLOUR_NAMES[i] for i in idx.tolist()]
         return Conditioning.from_tokens(
             p,
             list(tokens.unbind(0)),
-            labels=labels or [f"{n}{j}" for j, n in enumerate(names)],
-            locations=loc.detach().float().cpu(),
+            labels=labels if labels is not None else [f"{n}{j}" for j, n in enumerate(names)],
+            locations=loc.detach().cpu(),  # the caller's precision (tokens follow the encoder's dtype)
             attributes={"colour": names},
         )

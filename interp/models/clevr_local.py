@@ -49,7 +49,7 @@ from diffusers.utils import BaseOutput
 from torch import Tensor, nn
 
 from interp.conditioning import Conditioning
-from interp.models.clevr import LocationEncoder, validate_locations
+from interp.models.clevr import LocationEncoder, check_batch_locations, validate_locations
 
 #: Number of trailing token channels that carry ``(x, y, is_object)``.
 LOCATION_CHANNELS = 3
@@ -86,9 +86,8 @@ class LocatedLocationEncoder(LocationEncoder):
 
     def forward(self, locations: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(B, K, 2)`` locations (+ ``(B, K)`` mask) → tokens ``(B, 1 + K, dim)`` and mask ``(B, 1 + K)``."""
+        mask = check_batch_locations(locations, mask)
         B, K, _ = locations.shape
-        if mask is None:
-            mask = torch.ones(B, K, dtype=torch.bool, device=locations.device)
         tokens = self.encode(locations)
         tokens = torch.where(mask[..., None], tokens, torch.zeros_like(tokens))  # padded slots: is_object = 0
         null = self.null_token.expand(B, 1, -1)
@@ -96,16 +95,18 @@ class LocatedLocationEncoder(LocationEncoder):
         return torch.cat([null, tokens], dim=1), full_mask
 
     def conditioning(self, locations: Tensor | Sequence[Sequence[float]], *, labels: Sequence[str] | None = None) -> Conditioning:
-        """A :class:`Conditioning` with one located token per location (null token as context)."""
+        """A :class:`Conditioning` with one located token per location ``(k, 2)`` (null token as context).
+
+        Tokens follow the encoder's dtype; ``Conditioning.locations`` keeps the caller's precision, on CPU.
+        """
         loc = validate_locations(locations)
         null = self.null_token
-        loc = loc.to(device=null.device, dtype=null.dtype)
-        tokens = self.encode(loc) if loc.shape[0] else null.new_zeros((0, null.shape[1]))
+        tokens = self.encode(loc.to(device=null.device, dtype=null.dtype)) if loc.shape[0] else null.new_zeros((0, null.shape[1]))
         return Conditioning.from_tokens(
             null,
             list(tokens.unbind(0)),
-            labels=labels or [f"obj{j}" for j in range(loc.shape[0])],
-            locations=loc.detach().float().cpu(),
+            labels=labels if labels is not None else [f"obj{j}" for j in range(loc.shape[0])],
+            locations=loc.detach().cpu(),
         )
 
 

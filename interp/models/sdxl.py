@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from interp.conditioning import Conditioning
+from interp.validation import check_int
 
 SDXL_BASE_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 
@@ -209,11 +210,37 @@ def _token_count(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
+def check_phrases(phrases: object) -> list[str]:
+    """``phrases`` as a non-empty list of non-empty strings, or a clear error.
+
+    A bare string is refused: iterating it would make one conditioner per *character*.
+    """
+    if isinstance(phrases, str):
+        raise TypeError(
+            f"phrases must be a list of phrases, one conditioner each, got the string {phrases!r}; "
+            f"pass a list of phrases, e.g. [{phrases!r}]"
+        )
+    if not isinstance(phrases, Sequence):
+        raise TypeError(f"phrases must be a list of strings, got {type(phrases).__name__}")
+    out = list(phrases)
+    if not out:
+        raise ValueError("a prompt conditioning needs at least one phrase; use .null() for the null condition")
+    for i, phrase in enumerate(out):
+        if not isinstance(phrase, str):
+            raise TypeError(f"phrases[{i}] must be a string, got {type(phrase).__name__} {phrase!r}")
+        if not phrase.strip():
+            raise ValueError(f"phrases[{i}] is empty ({phrase!r}): an empty phrase owns no token; remove it")
+    return out
+
+
 def phrase_spans(tokenizer: Any, phrases: Sequence[str], sep: str = ", ") -> list[tuple[int, int]]:
     """Token spans ``[start, stop)`` of each phrase in ``sep.join(phrases)`` (position 0 is BOS).
 
     CLIP's BPE works word by word, so the token count of a prefix that ends at a word boundary is exact.
     """
+    phrases = check_phrases(phrases)
+    if not isinstance(sep, str):
+        raise TypeError(f"sep must be a string, got {type(sep).__name__}")
     spans = []
     prefix = ""
     for i, phrase in enumerate(phrases):
@@ -246,8 +273,10 @@ def prompt_conditioning(
     Note: CLIP is causal, so tokens after a phrase (and the pooled embedding) still carry it after
     ``drop(j)``; drop/only mask a phrase's *own* tokens out of the U-Net's cross-attention.
     """
-    if not phrases:
-        raise ValueError("a prompt conditioning needs at least one phrase; use .null() for the null condition")
+    phrases = check_phrases(phrases)
+    for name, value in (("height", height), ("width", width)):
+        if value is not None:
+            check_int(name, value, minimum=1)
     prompt = sep.join(phrases)
     spans = phrase_spans(pipe.tokenizer, phrases, sep)
     ctx = torch.no_grad() if not torch.is_grad_enabled() else contextlib.nullcontext()

@@ -23,7 +23,7 @@ def test_jvp_equals_reverse_mode(global_den, toy_cond):
     x, ts = forward_samples(global_den, 0.4, [2], dtype=torch.float64)
     J = _token_jacobian(global_den, x, ts, toy_cond)
     v, factor = direction_set(toy_cond, 1, "all")
-    jv = conditioner_jvp(global_den, x, ts, toy_cond, v, chunk_size=5)  # (N, C, H, W)
+    jv = conditioner_jvp(global_den, toy_cond, v, x_t=x, timestep=ts, chunk_size=5)  # (N, C, H, W)
     ref = torch.einsum("chwld,nld->nchw", J, v)
     torch.testing.assert_close(jv, ref, rtol=1e-10, atol=1e-12)
     # the exact JVP map is the Frobenius norm of the conditioner's Jacobian block
@@ -40,7 +40,7 @@ def test_jvp_matches_vjp_on_clevr_and_model_is_restored(clevr):
     v, _ = direction_set(cond, 0, 2, seed=0)
     with forward_mode_ready(den.unet):
         assert count_hooks(den.unet) > 0
-        jv = conditioner_jvp(den, x, ts, cond, v)  # (2, C, H, W)
+        jv = conditioner_jvp(den, cond, v, x_t=x, timestep=ts)  # (2, C, H, W)
     assert count_hooks(den.unet) == 0
     assert {n: type(p) for n, p in pipe.unet.attn_processors.items()} == procs
     assert AttnProcessor2_0 in procs.values()

@@ -24,7 +24,7 @@ def _autograd_rows(den, x, ts, cond, pixels):
 def test_rows_equal_autograd_and_finite_differences(global_den, toy_cond):
     x, ts = forward_samples(global_den, 0.5, [3], dtype=torch.float64)
     px = [(0, 0), (5, 7), (11, 3)]
-    jac = pixel_jacobian(global_den, x, ts, toy_cond, pixels=px, chunk_size=4)
+    jac = pixel_jacobian(global_den, toy_cond, x_t=x, timestep=ts, pixels=px, chunk_size=4)
     assert jac.shape == (1, 3, 3, 3, 12, 12) and jac.dtype == torch.float64
     ref = _autograd_rows(global_den, x, ts, toy_cond, px)
     torch.testing.assert_close(jac[0].reshape(-1, 3, 12, 12), ref, rtol=1e-10, atol=1e-12)
@@ -40,8 +40,8 @@ def test_rows_equal_autograd_and_finite_differences(global_den, toy_cond):
 
 def test_chunk_size_does_not_change_rows(local_den, toy_cond):
     x, ts = forward_samples(local_den, 0.3, [0], dtype=torch.float64)
-    a = pixel_jacobian(local_den, x, ts, toy_cond, pixels=3, chunk_size=1)
-    b = pixel_jacobian(local_den, x, ts, toy_cond, pixels=3, memory_budget="64MiB")
+    a = pixel_jacobian(local_den, toy_cond, x_t=x, timestep=ts, pixels=3, chunk_size=1)
+    b = pixel_jacobian(local_den, toy_cond, x_t=x, timestep=ts, pixels=3, memory_budget="64MiB")
     torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
 
 
@@ -49,7 +49,7 @@ def test_clevr_rows_equal_autograd(clevr):
     pipe, den, cond = clevr
     x, ts = forward_samples(den, 0.7, [1])
     px = [(2, 30)]
-    jac = pixel_jacobian(den, x, ts, cond, pixels=px)
+    jac = pixel_jacobian(den, cond, x_t=x, timestep=ts, pixels=px)
     ref = _autograd_rows(den, x, ts, cond, px)
     torch.testing.assert_close(jac[0].reshape(-1, 3, 32, 32), ref, rtol=1e-4, atol=1e-5)
 
@@ -87,7 +87,7 @@ def test_clevr_unet_is_not_exactly_local(clevr):
 def test_compressed_equals_dense_where_certified(local_den, global_den, toy_cond):
     for den, expect_all in ((local_den, True), (global_den, False)):
         x, ts = forward_samples(den, 0.5, [0, 1], dtype=torch.float64)
-        dense = pixel_jacobian(den, x, ts, toy_cond, pixels="all")
+        dense = pixel_jacobian(den, toy_cond, x_t=x, timestep=ts, pixels="all")
         raw = compressed_jacobian(den, x, ts, toy_cond, radius=2, fallback=False)
         cert = raw.certified
         assert bool(cert.all()) is expect_all
@@ -101,12 +101,12 @@ def test_compressed_equals_dense_where_certified(local_den, global_den, toy_cond
     x, ts = forward_samples(local_den, 0.5, [0], dtype=torch.float64)
     low = compressed_jacobian(local_den, x, ts, toy_cond, radius=1)
     assert not bool(low.certified.all())
-    torch.testing.assert_close(low.jacobian, pixel_jacobian(local_den, x, ts, toy_cond), rtol=0, atol=1e-12)
+    torch.testing.assert_close(low.jacobian, pixel_jacobian(local_den, toy_cond, x_t=x, timestep=ts), rtol=0, atol=1e-12)
 
 
 def test_compressed_method_in_pixel_locality(local_den, toy_cond):
     a = pixel_locality(local_den, toy_cond, 0.5, 1, pixels=4, dtype=torch.float64)
-    b = pixel_locality(local_den, toy_cond, 0.5, 1, pixels=4, method="compressed", radius=2, dtype=torch.float64)
+    b = pixel_locality(local_den, toy_cond, 0.5, 1, pixels=4, method="compressed", radius_px=2, dtype=torch.float64)
     torch.testing.assert_close(a["G"], b["G"])
     passes = b.frame().query("metric == 'backward_passes'").value.item()
     assert passes < 12 * 12 * 3

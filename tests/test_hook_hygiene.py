@@ -1,0 +1,230 @@
+"""Hook hygiene as a generated property (captum's ``test_hook_removal.py`` style).
+
+For every verb that touches a model × every way of leaving it — a normal return, an exception raised in the
+``with`` block, an exception raised inside the model's forward (from a hook), ``KeyboardInterrupt`` there, and a
+generator closed early while inside the block — the model must come back exactly as it was: no hook left on any
+module, the same attention processor objects, the same SDPA backend selection, the same ``requires_grad`` and
+grad mode, and outputs bit-identical to the clean model's.
+
+New verbs (interventions) join by adding one entry to ``VERBS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+import probes
+from interp import count_hooks, sample
+from interp.capture import capture, read_activation
+from interp.forward_mode import forward_mode_ready, sdpa_backends
+from interp.models import clevr_pipeline
+
+
+class Injected(RuntimeError):
+    """The failure this suite raises on purpose."""
+
+
+@pytest.fixture(scope="module")
+def model():
+    pipe = clevr_pipeline("tiny", seed=0)
+    den = pipe.denoiser()
+    cond = pipe.conditioning([[0.25, 0.3], [0.7, 0.65]])
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return den, cond, x
+
+
+def snapshot(den) -> dict:
+    unet = den.unet
+    procs = {name: id(p) for name, p in getattr(unet, "attn_processors", {}).items()}
+    return {
+        "hooks": count_hooks(unet),
+        "processors": procs,
+        "sdpa": sdpa_backends(),
+        "requires_grad": [p.requires_grad for p in unet.parameters()],
+        "grad_mode": torch.is_grad_enabled(),
+        "training": unet.training,
+    }
+
+
+def clean_output(den, cond, x) -> torch.Tensor:
+    with torch.no_grad():
+        return den.predict(x, 500, cond)
+
+
+# --------------------------------------------------------------------------- verbs
+# Each verb runs ``body()`` somewhere inside its model-touching region (for context managers: inside the
+# ``with``; for functions: ``body`` is unused and failures come from inside the forward).
+
+ContextVerb = Callable[..., contextlib.AbstractContextManager]
+
+
+def _capture(den, cond, x):
+    return capture(den, ["*attn2", "mid_block"])
+
+
+def _capture_disk(den, cond, x, tmp_path):
+    return capture(den, "*attn2", store=tmp_path / "store")
+
+
+def _forward_mode(den, cond, x):
+    return forward_mode_ready(den.unet)
+
+
+CONTEXT_VERBS: dict[str, Callable] = {
+    "capture": _capture,
+    "capture_disk": _capture_disk,
+    "forward_mode_ready": _forward_mode,
+}
+
+FUNCTION_VERBS: dict[str, Callable] = {
+    "sample_under_capture": lambda den, cond, x: _sample_captured(den, cond),
+    "read_activation": lambda den, cond, x: read_activation(den, "mid_block", cond, x_t=x, t=0.5),
+    "pixel_jacobian": lambda den, cond, x: probes.pixel_jacobian(den, cond, x_t=x, t=0.5, pixels=[(3, 4)]),
+    "pixel_jacobian_derivative_ready": lambda den, cond, x: probes.pixel_jacobian(
+        den, cond, x_t=x, t=0.5, pixels=[(3, 4)], derivative_ready=True),
+    "pixel_locality": lambda den, cond, x: probes.pixel_locality(den, cond, t=0.5, seeds=1, pixels=[(5, 5)]),
+    "conditional_locality": lambda den, cond, x: probes.conditional_locality(
+        den, cond, t=0.5, seeds=1, directions=1, maps=("jvp", "ablation", "attribution")),
+    "cpc_residual": lambda den, cond, x: probes.cpc_residual(den, cond, t=0.5, seeds=1),
+    "feature_dependence": lambda den, cond, x: probes.feature_dependence(
+        den, "mid_block", cond, t=0.5, seeds=1, directions=1),
+    "integrated_gradients": lambda den, cond, x: probes.integrated_gradients_map(
+        den, cond, t=0.5, seeds=1, pixels=[(5, 5)], n_steps=2),
+}
+
+
+def _sample_captured(den, cond):
+    with capture(den, "*attn2"):
+        return sample(den, cond, shape=(1, 3, 32, 32), num_steps=2, seed=0)
+
+
+@contextlib.contextmanager
+def failing_forward(den, exc: type[BaseException]) -> Iterator[None]:
+    """Raise ``exc`` from inside the U-Net's forward (a hook on a deep module), removed afterwards."""
+
+    def boom(module, args, output):
+        raise exc("injected")
+
+    handle = den.unet.mid_block.register_forward_hook(boom)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def assert_restored(den, cond, x, before: dict, reference: torch.Tensor) -> None:
+    assert snapshot(den) == before
+    assert torch.equal(clean_output(den, cond, x), reference)
+
+
+# --------------------------------------------------------------------------- the property
+
+
+@pytest.mark.parametrize("verb", sorted(FUNCTION_VERBS))
+@pytest.mark.parametrize("exit_path", ["normal", "exception_in_forward", "keyboard_interrupt_in_forward"])
+def test_function_verbs_leave_the_model_as_they_found_it(model, verb, exit_path):
+    den, cond, x = model
+    before, reference = snapshot(den), clean_output(den, cond, x)
+    run = FUNCTION_VERBS[verb]
+    if exit_path == "normal":
+        run(den, cond, x)
+    else:
+        exc = Injected if exit_path == "exception_in_forward" else KeyboardInterrupt
+        with failing_forward(den, exc), pytest.raises(exc):
+            run(den, cond, x)
+    assert_restored(den, cond, x, before, reference)
+
+
+@pytest.mark.parametrize("verb", sorted(CONTEXT_VERBS))
+@pytest.mark.parametrize(
+    "exit_path", ["normal", "exception_in_block", "exception_in_forward", "keyboard_interrupt", "generator_closed"]
+)
+def test_context_verbs_leave_the_model_as_they_found_it(model, verb, exit_path, tmp_path):
+    den, cond, x = model
+    before, reference = snapshot(den), clean_output(den, cond, x)
+    make = CONTEXT_VERBS[verb]
+    args = (den, cond, x, tmp_path) if verb == "capture_disk" else (den, cond, x)
+
+    def forward() -> None:
+        with torch.no_grad():
+            den.predict(x, 500, cond)
+
+    if exit_path == "normal":
+        with make(*args):
+            forward()
+    elif exit_path == "exception_in_block":
+        with pytest.raises(Injected), make(*args):
+            forward()
+            raise Injected("in block")
+    elif exit_path == "exception_in_forward":
+        with pytest.raises(Injected), make(*args), failing_forward(den, Injected):
+            forward()
+    elif exit_path == "keyboard_interrupt":
+        with pytest.raises(KeyboardInterrupt), make(*args):
+            raise KeyboardInterrupt
+    else:
+
+        def gen():
+            with make(*args):
+                forward()
+                yield "inside"
+                forward()  # never reached: the generator is closed while suspended inside the block
+
+        g = gen()
+        assert next(g) == "inside"
+        g.close()
+    assert_restored(den, cond, x, before, reference)
+
+
+def test_forward_mode_contexts_closed_out_of_order_restore_everything(model):
+    """Two contexts entered A, B and closed A, B (not LIFO): the last exit restores the SDPA backends."""
+    den, cond, x = model
+    before, reference = snapshot(den), clean_output(den, cond, x)
+    a, b = forward_mode_ready(den.unet), forward_mode_ready(den.unet)
+    a.__enter__()
+    b.__enter__()
+    assert sdpa_backends() != before["sdpa"]  # math only while any context is open
+    a.__exit__(None, None, None)
+    assert sdpa_backends() != before["sdpa"]  # b is still open
+    b.__exit__(None, None, None)
+    assert_restored(den, cond, x, before, reference)
+
+
+def test_forward_mode_keeps_a_users_own_attention_processor(model):
+    """A custom processor stays installed while differentiating, so the probe measures the user's network."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    den, cond, x = model
+
+    class Scaled(AttnProcessor2_0):
+        """A user's processor that changes the function (scales attention outputs by 0.5)."""
+
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            return 0.5 * super().__call__(attn, hidden_states, *args, **kwargs)
+
+    original = dict(den.unet.attn_processors)
+    den.unet.set_attn_processor(Scaled())
+    try:
+        with torch.no_grad():
+            custom = den.predict(x, 500, cond)
+        installed = dict(den.unet.attn_processors)
+        with forward_mode_ready(den.unet), torch.no_grad():
+            assert {k: id(v) for k, v in den.unet.attn_processors.items()} == {k: id(v) for k, v in installed.items()}
+            inside = den.predict(x, 500, cond)
+        torch.testing.assert_close(inside, custom, rtol=1e-5, atol=1e-6)  # math vs fused SDPA rounding only
+        assert not torch.allclose(inside, clean_output_with(den, original, cond, x), atol=1e-4)
+    finally:
+        den.unet.set_attn_processor(original)
+
+
+def clean_output_with(den, processors, cond, x) -> torch.Tensor:
+    current = dict(den.unet.attn_processors)
+    den.unet.set_attn_processor(dict(processors))
+    try:
+        return clean_output(den, cond, x)
+    finally:
+        den.unet.set_attn_processor(current)
