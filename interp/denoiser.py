@@ -288,7 +288,8 @@ class Denoiser:
             if not self._accepts_kw("encoder_attention_mask"):
                 raise TypeError(
                     f"{self.name}.forward has no encoder_attention_mask parameter, so it cannot take conditionings "
-                    "of different lengths in one batch; call once per conditioning (or add the parameter)"
+                    "of different lengths in one batch: call once per conditioning, use cfg_mode='separate' for "
+                    "guidance, or give forward an encoder_attention_mask parameter"
                 )
             kwargs["encoder_attention_mask"] = cb.mask
         if cb.added:

@@ -142,15 +142,13 @@ class ProbeResult:
         return out
 
     def save_json(self, path: str | Path, *, include_maps: bool = True) -> Path:
-        """Write :meth:`to_dict` as JSON (atomically: a temporary file, then rename)."""
-        import os
+        """Write :meth:`to_dict` as JSON atomically (:func:`interp.io.atomic_write`: a unique temporary file that
+        never follows a planted symlink, then rename)."""
+        from interp.io import atomic_write_json
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(include_maps=include_maps), indent=1))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_json(path, self.to_dict(include_maps=include_maps))
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in self.maps.items())

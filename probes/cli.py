@@ -62,15 +62,19 @@ def sweep(
     branches: str = typer.Option("cond", "--branches", help="CFG branches of the output probes: cond,guided."),
     locations: Optional[str] = LOCS,
     prompt: Optional[str] = PROMPT,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty folder that holds no sweep (nothing in it is deleted)."),
 ) -> None:
     """Sites x noise levels x seeds -> one tidy CSV; interrupted sweeps resume without duplicates."""
     from probes.sweep import locality_sweep, parse_floats
 
     den, name, cond = _load(model, locations, prompt)
-    df = locality_sweep(den, cond, sites=sites, t=parse_floats(t), seeds=seeds, out=out,
-                        metrics=[m for m in metrics.split(",") if m], radius=radius,
-                        directions=directions if directions == "all" else int(directions),
-                        branches=[b for b in branches.split(",") if b], progress=typer.echo)
+    try:
+        df = locality_sweep(den, cond, sites=sites, t=parse_floats(t), seeds=seeds, out=out,
+                            metrics=[m for m in metrics.split(",") if m], radius=radius,
+                            directions=directions if directions == "all" else int(directions),
+                            branches=[b for b in branches.split(",") if b], progress=typer.echo, overwrite=overwrite)
+    except FileExistsError as err:
+        raise typer.BadParameter(str(err), param_hint="--out") from None
     df["model"] = name
     typer.echo(f"{len(df)} rows -> {out / 'results.csv'}")
 

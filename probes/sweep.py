@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from interp import Conditioning, Denoiser
+from interp.io import atomic_write, atomic_write_json, prepare_output_dir
 from interp.site import resolve_paths
 from interp.inputs import as_levels, as_seeds
 from interp.results import CORE_COLUMNS, ProbeResult
@@ -74,12 +74,7 @@ def unit_key(site: str, t: float, seed: int, branch: str = "cond") -> str:
 
 def atomic_write_csv(df: pd.DataFrame, path: Path) -> None:
     """Write ``df`` to ``path`` so that readers see the old file or the complete new one, never a part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        df.to_csv(fh, index=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, df.to_csv(index=False))
 
 
 def _conditioning_id(cond: Conditioning) -> str:
@@ -142,6 +137,7 @@ def locality_sweep(
     branches: Sequence[str] = ("cond",),
     progress: Callable[[str], None] | None = None,
     device: str | None = None,
+    overwrite: bool = False,
     **probe_kwargs: Any,
 ) -> pd.DataFrame:
     """Run (or resume) a sweep and return its tidy frame.
@@ -160,6 +156,8 @@ def locality_sweep(
             guidance scale); layer sites read the conditional branch.
         progress: called with a line per unit (``"done"`` / ``"skip"``).
         device: where a model given by name is loaded (default: the GPU when present).
+        overwrite: write into a non-empty ``out`` that is not a sweep's folder (nothing in it is deleted).
+            A folder holding a sweep is resumed; with other fixed settings it is refused.
         probe_kwargs: passed to every probe (``x0=``, ``shape=``, ``chunk_size=``...).
 
     Returns:
@@ -186,6 +184,8 @@ def locality_sweep(
     parts_dir = None
     if out is not None:
         out = Path(out)
+        if not (out / "sweep.json").is_file():  # a sweep's own folder (with or without the marker) resumes
+            prepare_output_dir(out, "locality-sweep", overwrite=overwrite)
         parts_dir = out / "parts"
         parts_dir.mkdir(parents=True, exist_ok=True)
         _check_config(out / "sweep.json", cfg)
@@ -232,9 +232,7 @@ def _check_config(path: Path, cfg: SweepConfig) -> None:
                 f"{path.parent} holds a sweep with different settings {diff}; use another --out folder "
                 "(sites, noise levels and seeds may change between runs, the rest may not)"
             )
-    tmp = path.with_name(".sweep.json.tmp")
-    tmp.write_text(json.dumps(new, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, new)
 
 
 def _resolve(model: Denoiser | str, cond: Conditioning | None, locations: Any, prompt: Any, *, device: str = "cpu") -> tuple[Denoiser, str, Conditioning]:

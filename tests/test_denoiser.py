@@ -137,3 +137,81 @@ def test_bf16_model_returns_input_dtype(tiny_clevr_pipe):
     with torch.no_grad():
         out = den(torch.randn(1, 3, 32, 32), 10, cond)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+class _Affine(torch.nn.Module):
+    """A tiny network with the UNet2DConditionModel call signature and a configurable ``config`` attribute."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+        if config is not None:
+            self.config = config
+
+    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask=None, return_dict=False):
+        t = torch.as_tensor(timestep, dtype=sample.dtype).reshape(-1, 1, 1, 1)
+        tok = encoder_hidden_states
+        m = torch.ones(tok.shape[:2]) if encoder_attention_mask is None else encoder_attention_mask.to(tok.dtype)
+        mean = (tok * m[..., None]).sum((1, 2)) / (m.sum(1) * tok.shape[2])  # mean over attended tokens
+        return (self.w * sample + t / 1000 + mean.reshape(-1, 1, 1, 1),)
+
+
+class _AttrConfig:
+    def __init__(self):
+        self.in_channels = 3
+        self.sample_size = 8
+
+
+def _config_kinds():
+    import types
+
+    from diffusers.configuration_utils import FrozenDict
+
+    fields = {"in_channels": 3, "sample_size": 8}
+    return {
+        "dict": dict(fields),
+        "frozendict": FrozenDict(fields),
+        "namespace": types.SimpleNamespace(**fields),
+        "object": _AttrConfig(),
+        "none": None,
+    }
+
+
+@pytest.mark.parametrize("kind", ["dict", "frozendict", "namespace", "object", "none"])
+def test_any_config_kind_is_a_mapping_and_the_denoiser_works(kind):
+    """Attribute-style configs (SimpleNamespace, plain objects) used to fail at first use with ``.get``."""
+    den = Denoiser(_Affine(_config_kinds()[kind]), guidance_scale=2.0)
+    from collections.abc import Mapping
+
+    assert isinstance(den.config, Mapping)
+    if kind == "none":
+        assert dict(den.config) == {} and den.in_channels is None
+    else:
+        assert den.config["sample_size"] == 8 and den.in_channels == 3
+        with pytest.raises(ValueError, match="channels"):  # the config is really read: 4 channels refused
+            den(torch.zeros(1, 4, 8, 8), 10, Conditioning.from_tokens(torch.zeros(1, 4), []))
+    cond = Conditioning.from_tokens(torch.ones(1, 4), [torch.full((4,), 2.0)])
+    x = torch.ones(2, 3, 8, 8)
+    with torch.no_grad():
+        pred = den.predict(x, 100, cond)
+        br = den.branches(x, 100, cond)
+        score = den.score(x, 100, cond)
+    # cond tokens mean (1 + 2) / 2 = 1.5; null tokens mean 1.0
+    assert torch.allclose(pred, torch.full_like(x, 0.5 + 0.1 + 1.5))
+    assert torch.allclose(br["uncond"], torch.full_like(x, 0.5 + 0.1 + 1.0))
+    assert torch.allclose(br["guided"], br["uncond"] + 2.0 * (br["cond"] - br["uncond"]))
+    assert torch.allclose(score, -br["guided"] / den.sigma(100).float())
+    from interp.metadata import config_hash
+
+    # every kind hashes like the same dict: a namespace and a FrozenDict describe one model the same way
+    assert den.metadata()["config_hash"] == ("none" if kind == "none" else config_hash({"in_channels": 3, "sample_size": 8}))
+
+
+def test_guidance_scale_zero_is_unconditional_not_one():
+    den = Denoiser(_Affine(None), guidance_scale=0.0)
+    cond = Conditioning.from_tokens(torch.ones(1, 4), [torch.full((4,), 2.0)])
+    x = torch.ones(1, 3, 8, 8)
+    with torch.no_grad():
+        br = den.branches(x, 100, cond)
+        assert torch.equal(br["guided"], br["uncond"]) and not torch.equal(br["cond"], br["uncond"])
+        assert torch.equal(den(x, 100, cond), br["uncond"])

@@ -60,3 +60,35 @@ def test_region_and_channels_select_the_right_cells():
         Site("x", region=(0.5, 0.2, 0, 1))
     with pytest.raises(ValueError, match="grid"):
         spatial_view(torch.zeros(1, 7, 3), (32, 32))
+
+
+@pytest.mark.parametrize("branch", ["uncnd", "conditional", ["cond", "unc"], [], 3])
+def test_branch_typos_are_refused_naming_the_valid_branches(branch):
+    with pytest.raises((ValueError, TypeError), match="branch") as err:
+        Site("x", branch=branch)
+    if isinstance(err.value, ValueError):
+        assert "'uncond', 'cond', 'guided'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [-1, 1.5, "3", True, [0, -2], [0, 1.0], [], slice(-3, None), slice(0, 10, 0), slice(0.5, 3), range(5, 2), range(3, -1, -1)],
+)
+def test_bad_step_selectors_are_refused(steps):
+    with pytest.raises((ValueError, TypeError), match="Site.steps"):
+        Site("x", steps=steps)
+
+
+@pytest.mark.parametrize("channels", [3, -1, [0, -1], ["a"], [], 2.0])
+def test_bad_channel_selectors_are_refused(channels):
+    with pytest.raises((ValueError, TypeError), match="Site.channels"):
+        Site("x", channels=channels)
+
+
+def test_good_selectors_are_kept_and_lists_become_tuples():
+    assert Site("x", steps=[3, 1]).steps == (3, 1) and Site("x", steps=range(0, 10, 2)).applies(4, "cond")
+    assert Site("x", steps=torch.tensor([2])).applies(2, "cond")
+    assert Site("x", branch=["uncond", "cond"]).branch == ("uncond", "cond")
+    assert Site("x", channels=slice(0, 2)).channels == slice(0, 2) and Site("x", channels=[1]).channels == (1,)
+    assert Site("x", steps=[1, 3]) == Site("x", steps=(1, 3))
+    assert not Site("x").selective and Site("x", branch="cond").selective and Site("x", steps=0).selective

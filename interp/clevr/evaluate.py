@@ -114,13 +114,13 @@ def check_eval_options(*, n: int, seed: int, steps: int, guidance_scale: float |
     Raises :class:`OptionError` (a ``ValueError``) naming the argument and its CLI option.
     """
     if n < 1:
-        raise OptionError(f"n (--n) must be >= 1 scene per count, got {n}", "--n")
+        raise OptionError(f"n must be >= 1 scene per count (--n), got {n}", "--n")
     if seed < 0:
-        raise OptionError(f"seed (--seed) must be >= 0 (it seeds numpy's generator), got {seed}", "--seed")
+        raise OptionError(f"seed must be >= 0 (--seed; it seeds numpy's generator), got {seed}", "--seed")
     if steps < 1:
-        raise OptionError(f"steps (--steps) must be >= 1 sampling step, got {steps}", "--steps")
+        raise OptionError(f"steps must be >= 1 sampling step (--steps), got {steps}", "--steps")
     if guidance_scale is not None and not math.isfinite(guidance_scale):
-        raise OptionError(f"guidance_scale (--guidance) must be a finite number, got {guidance_scale}", "--guidance")
+        raise OptionError(f"guidance_scale must be a finite number (--guidance), got {guidance_scale}", "--guidance")
 
 
 def evaluate_length(

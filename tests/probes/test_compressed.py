@@ -205,3 +205,13 @@ def test_arguments():
         compressed_jacobian(den, cond, x_t=x, t=T, radius_px=1, checks=0)
     with pytest.raises(ValueError, match="x_t"):
         compressed_jacobian(den, cond, x_t=x[0], t=T, radius_px=1)
+
+
+def test_bfloat16_model_accumulates_in_float32():
+    den = toy_denoiser("local", size=12, dtype=torch.bfloat16)
+    cond = toy_conditioning([[0.25, 0.25]])
+    x, _ = forward_samples(den, T, [0])
+    cj = compressed_jacobian(den, cond, x_t=x, t=T, radius_px=2)
+    assert cj.jacobian.dtype == torch.float32 and bool(cj.certified.all())
+    ref = compressed_jacobian(toy_denoiser("local", size=12), cond, x_t=x, t=T, radius_px=2).jacobian
+    torch.testing.assert_close(cj.jacobian, ref, rtol=0, atol=5e-2 * float(ref.abs().max()))
