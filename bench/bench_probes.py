@@ -114,15 +114,12 @@ def bench_compressed(size: int) -> list[dict]:
     out = []
     cases = [(f"toy-{kind}", toy_denoiser(kind, size=size, hidden=16), toy_conditioning([[0.25, 0.25], [0.75, 0.7]]), 2)
              for kind in ("local", "global")]
-    try:
-        den3, cond3, r3 = _exp3_architecture(size)
-        cases.append(("clevr-local (Exp3 arch.)", den3, cond3, r3))
-    except ImportError:  # older tree without interp.models.clevr_local
-        pass
+    den3, cond3, r3 = _exp3_architecture(size)
+    cases.append(("clevr-local (Exp3 arch.)", den3, cond3, r3))
     for name, den, cond, radius in cases:
         x, ts = forward_samples(den, 0.5, [0])
         dense, t_dense = timed(lambda: pixel_jacobian(den, cond, x_t=x, timestep=ts, pixels="all"))
-        comp, t_comp = timed(lambda: compressed_jacobian(den, x, ts, cond, radius=radius))
+        comp, t_comp = timed(lambda: compressed_jacobian(den, cond, x_t=x, timestep=ts, radius_px=radius))
         out.append({
             "model": name, "radius": radius, "image": f"3x{size}x{size}", "dense_passes": comp.dense_passes, "compressed_passes": comp.passes,
             "certified_fraction": float(comp.certified.float().mean()), "dense_s": t_dense, "compressed_s": t_comp,
@@ -171,12 +168,10 @@ def bench_conditional(ig_pixels: int) -> list[dict]:
 def _rendered_scenes(locs: list[list[float]], seeds: int, size: int) -> torch.Tensor | None:
     """Clean CLEVR scenes with objects at ``locs`` (random shapes/colours per seed), in [-1, 1]; the
     forward process starts from them, so x_t looks like the training data at every noise level."""
-    try:
-        import numpy as np
+    import numpy as np
 
-        from interp.clevr.render import random_scene, render
-    except ImportError:
-        return None
+    from interp.clevr.render import random_scene, render
+
     rng = np.random.default_rng(0)
     scene = random_scene(rng, [len(locs)] * seeds, positions=[np.asarray(locs, np.float32)] * seeds)
     return torch.from_numpy(render(scene, size=size).to_model_range()).float()
@@ -196,13 +191,10 @@ def compare_checkpoints(names: list[str], levels: list[float], seeds: int, direc
     rows: list[dict] = [{"model": "uniform map (reference)", "t": float("nan"), "in_region_jvp": uniform,
                          "in_region_ablation": uniform, "n_eff_jvp": 3.0, "cpc_residual": float("nan")}]
     for name in names:
-        try:  # a shipped name, a save_pretrained folder, or a training-run folder (latest.json)
-            from interp.models.registry import load_model
+        from interp.models.registry import load_model
 
-            pipe = load_model(name).pipeline
-        except Exception as err:  # checkpoints not there (yet)
-            rows.append({"model": name, "error": f"{type(err).__name__}: {err}"})
-            continue
+        # A shipped name, a save_pretrained folder, or a training-run folder; a missing one is an error to see.
+        pipe = load_model(name).pipeline
         den = pipe.denoiser(name=name)
         cond = pipe.conditioning(locs)
         x0 = _rendered_scenes(locs, seeds, den.config.get("sample_size", 32))
