@@ -9,7 +9,6 @@ shared machine vary with its load: the JSON records the load average next to eac
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -18,8 +17,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-import numpy as np
-import torch
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from interp.io import atomic_write_json  # noqa: E402
 
 
 def _load() -> float:
@@ -172,10 +173,7 @@ def main() -> None:
         res["locality"] = bench_locality()
     if "steps" in only:
         res["train_steps"] = bench_steps(args.quick)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, res)
     print(f"wrote {args.out}")
 
 

@@ -58,9 +58,9 @@ def test_bad_requests_raise_clear_errors():
     from interp.clevr.cli import app
 
     res = CliRunner().invoke(app, ["eval", "--model", "exp42", "--n", "1"])
-    assert res.exit_code != 0 and "unknown CLEVR model" in res.output
+    assert res.exit_code == 2 and "'--model'" in res.output and "unknown model 'exp42'" in res.output
     res = CliRunner().invoke(app, ["eval", "--model", "tiny-clevr", "--counts", "12"])
-    assert res.exit_code != 0 and "maximum" in res.output
+    assert res.exit_code == 2 and "'--counts'" in res.output and "maximum" in res.output
 
 
 def test_cli_compare_plots_several_results_and_rejects_bad_input(tmp_path):
