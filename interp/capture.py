@@ -20,6 +20,8 @@ Hooks are installed on module boundaries only and removed on every exit path.
 Concurrency: a capture records only the forwards run in the thread (more exactly, the
 :mod:`contextvars` context) that entered it — the active captures live in a context variable that the
 hooks read — so two threads sampling one model under their own captures never see each other's calls.
+(Forwards run by a thread started *inside* the block are therefore not recorded either: a new thread starts
+with an empty context.)
 Within one thread, a second capture of the same network while one is active (nested, or interleaved by
 generators, which share their caller's context) is refused with :class:`CaptureConflictError`: its
 forwards could not be told apart.
@@ -201,12 +203,16 @@ def _fmt_steps(steps: list[int]) -> str:
 
 @dataclass
 class CallState:
-    """Labels of one U-Net call: its index in the capture, step (``-1``: none), branch layout, input ``(H, W)``."""
+    """Labels of one U-Net call: its index in the capture, step (``-1``: none), branch layout, input ``(H, W)``.
+
+    ``runs`` counts how often each site module has run within this call.
+    """
 
     index: int
     step: int
     branches: tuple[tuple[str, slice], ...]
     image_hw: tuple[int, int] | None
+    runs: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(eq=False)  # identity, not field equality: the active-capture registry compares captures with `is`
@@ -250,6 +256,14 @@ class Capture:
         """
         self._unet = unet
         self.resolved = [(s, p, m) for s in self.sites for p, m in s.resolve(unet)]
+        by_path: dict[str, Site] = {}
+        for site, path, _ in self.resolved:
+            if path in by_path and by_path[path] is not site:
+                raise ValueError(
+                    f"module {path!r} is named by two sites ({by_path[path]!r} and {site!r}); their activations "
+                    "would share one key: capture it once, or run two captures one after the other"
+                )
+            by_path[path] = site
         if self.plan is not None and self.budget is not None and self.plan.total_bytes > self.budget:
             self._over_budget(self.plan.total_bytes, before=True)
         # A store passed in may already hold an earlier capture: continue its call numbering so keys never collide.
@@ -383,6 +397,11 @@ class Capture:
         Shared by both backends (torch hooks here, :mod:`interp.nnsight_backend`), so the selection,
         dtype and copy semantics — hence the stored bits — cannot drift apart.
         """
+        # A module that runs more than once in one call (diffusers resnets share one `nonlinearity`) keeps
+        # every run: run k >= 1 is stored under site "path#k" instead of colliding with run 0's key.
+        run = state.runs.get(path, 0)
+        state.runs[path] = run + 1
+        name = path if run == 0 else f"{path}#{run}"
         ran = self._ran.setdefault(id(site), set())
         for branch, rows in state.branches:
             ran.add((state.step, branch))
@@ -394,7 +413,7 @@ class Capture:
                 part = part.to(self.store_dtype)
             # Always a copy: the model may reuse or modify its buffers after the hook returns.
             part = part.to("cpu", copy=True).contiguous() if part.device.type != "cpu" else part.clone()
-            self._put(ActivationKey(path, state.step, branch, state.index), part)
+            self._put(ActivationKey(name, state.step, branch, state.index), part)
 
     def _check_selections(self) -> None:
         """Refuse a site whose explicit ``steps``/``branch`` matched none of the calls that ran; warn about

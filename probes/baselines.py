@@ -23,11 +23,13 @@ from torch import Tensor
 
 from interp import Conditioning, ConditioningBatch, Denoiser
 from interp.inputs import PixelSpec, as_levels, as_seeds, check_conditioning, forward_samples, pixel_list
-from interp.evaluate import Output, accumulation_dtype, evaluate
+from interp.compat import renamed_kwargs
+from interp.evaluate import Quantity, accumulation_dtype, evaluate
 from interp.results import ProbeResult
 from probes.summaries import region_fractions
 
 
+@renamed_kwargs(output="quantity")
 def integrated_gradients_map(
     den: Denoiser,
     cond: Conditioning,
@@ -40,7 +42,7 @@ def integrated_gradients_map(
     baseline: Tensor | None = None,
     x0: Tensor | None = None,
     shape: Sequence[int] | None = None,
-    output: Output = "prediction",
+    quantity: Quantity = "prediction",
     radius: float | None = 0.2,
     internal_batch_size: int = 256,
     dtype: torch.dtype = torch.float32,
@@ -48,7 +50,7 @@ def integrated_gradients_map(
     """Integrated-gradients attribution of each output element to each conditioner.
 
     Args:
-        den, cond, t, seeds, x0, shape, dtype, output: as in :func:`probes.conditional.conditional_locality`.
+        den, cond, t, seeds, x0, shape, dtype, quantity: as in :func:`probes.conditional.conditional_locality`.
         pixels: output pixels to attribute (each costs ``C × n_steps`` gradient evaluations).
         n_steps / method: captum's integration steps and rule.
         baseline: ``(L, D)`` baseline tokens (default zeros).
@@ -69,7 +71,7 @@ def integrated_gradients_map(
         raise ValueError(f"baseline must be {tuple(cond.tokens.shape)} like cond.tokens, got {tuple(base.shape)}")
     result = ProbeResult(
         "integrated_gradients",
-        metadata={**den.metadata(), "site": "output", "n_steps": n_steps, "method": method, "output": output,
+        metadata={**den.metadata(), "site": "output", "n_steps": n_steps, "method": method, "quantity": quantity,
                   "seeds": seed_list, "n_samples": len(seed_list), "k": cond.k, "levels": levels},
     )
     owner = cond.owner.to(den.device)
@@ -93,7 +95,7 @@ def integrated_gradients_map(
                 n = tokens.shape[0]
                 cb = ConditioningBatch(tokens=tokens, mask=one.mask.expand(n, -1),
                                        added={k: v.expand(n, *v.shape[1:]) for k, v in one.added.items()})
-                return evaluate(den, x.expand(n, *x.shape[1:]), ts, cb, branch="cond", output=output).flatten(1)
+                return evaluate(den, x.expand(n, *x.shape[1:]), ts, cb, branch="cond", quantity=quantity).flatten(1)
 
             ig = IntegratedGradients(forward)
             M = len(targets)

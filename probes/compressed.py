@@ -49,7 +49,6 @@ Memory: the result is the full Jacobian, ``H·W·C_out·C_in·H·W`` numbers per
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +56,8 @@ import torch
 from torch import Tensor
 
 from interp import Conditioning, Denoiser
-from interp.evaluate import Branch, Output, accumulation_dtype, evaluate
+from interp.compat import renamed_kwargs
+from interp.evaluate import Branch, Quantity, accumulation_dtype, evaluate
 from interp.forward_mode import forward_mode_ready
 from interp.inputs import resolve_timestep
 from probes.jacobian import RowEngine, basis_cotangents
@@ -193,6 +193,7 @@ def _localise(verify: _Verifier, P: int) -> Tensor:
     return certified
 
 
+@renamed_kwargs(output="quantity", radius="radius_px")
 def compressed_jacobian(
     den: Denoiser,
     cond: Conditioning,
@@ -202,7 +203,7 @@ def compressed_jacobian(
     timestep: Tensor | float | int | None = None,
     radius_px: int | None = None,
     branch: Branch = "cond",
-    output: Output = "prediction",
+    quantity: Quantity = "prediction",
     seed: int = 0,
     checks: int = 1,
     rtol: float | None = None,
@@ -211,7 +212,6 @@ def compressed_jacobian(
     chunk_size: int | None = None,
     memory_budget: int | str | None = None,
     derivative_ready: bool = False,
-    radius: int | None = None,
 ) -> CompressedJacobian:
     """All Jacobian rows by coloured probing, verified by random VJPs, dense where the check fails.
 
@@ -222,7 +222,7 @@ def compressed_jacobian(
         t / timestep: the noise level of ``x_t``, exactly one: noise fraction ``t ∈ [0, 1]`` or the raw training
             ``timestep`` (see :func:`interp.inputs.resolve_timestep`).
         radius_px: hypothesised support radius ``R`` (pixels, Chebyshev); the colouring spacing is ``2R + 1``.
-        branch / output: which function is differentiated (as in :func:`probes.jacobian.pixel_jacobian`).
+        branch / quantity: which function is differentiated (as in :func:`probes.jacobian.pixel_jacobian`).
         seed: seed of the Gaussian check cotangents (results are deterministic given the seed).
         checks: independent Gaussian cotangents per checked group (each costs one pass per group; more checks
             shrink the floating-point escape probability ``(0.8·τ/|δ|)^checks``).
@@ -230,18 +230,13 @@ def compressed_jacobian(
             the model dtype (1e-10 float64, 1e-4 float32, 5e-2 fp16, 2e-1 bf16).
         fallback: recompute uncertified pixels densely (``False`` leaves the colouring estimate there).
         chunk_size / memory_budget: VJP batching (see :class:`probes.jacobian.RowEngine`).
-        derivative_ready: swap in the plain attention processor while differentiating (restored after).
-        radius: deprecated name of ``radius_px``.
+        derivative_ready: differentiate inside :func:`interp.forward_mode.forward_mode_ready` (math SDPA).
+
+    ``radius=`` and ``output=`` are the deprecated names of ``radius_px=`` and ``quantity=``.
 
     Returns:
         :class:`CompressedJacobian` with ``jacobian (S, H·W, C_out, C_in, H, W)`` and ``certified (S, H·W)``.
     """
-    if radius is not None:
-        if radius_px is not None:
-            raise ValueError("pass only radius_px= (radius= is its deprecated name), not both")
-        warnings.warn("compressed_jacobian(radius=) is deprecated: pass radius_px= (pixel-space Chebyshev radius; "
-                      "`radius` now means normalised units elsewhere)", DeprecationWarning, stacklevel=2)
-        radius_px = radius
     if radius_px is None:
         raise TypeError("compressed_jacobian needs radius_px= (the hypothesised receptive-field radius in pixels)")
     if isinstance(radius_px, bool) or not isinstance(radius_px, int):
@@ -269,7 +264,7 @@ def compressed_jacobian(
     rows, certs, passes, check_passes, dense = [], [], 0, 0, 0
     with forward_mode_ready(den.unet) if derivative_ready else contextlib.nullcontext():
         for s in range(S):
-            fn = lambda x: evaluate(den, x, ts, cond, branch=branch, output=output)  # noqa: E731
+            fn = lambda x: evaluate(den, x, ts, cond, branch=branch, quantity=quantity)  # noqa: E731
             eng = RowEngine(fn, x_t[s : s + 1], chunk_size=chunk_size, memory_budget=memory_budget)
             if tuple(eng.out.shape[-2:]) != (H, W):
                 raise ValueError(f"compressed probing needs an output on the input's pixel grid {(H, W)}, "

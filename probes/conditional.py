@@ -34,7 +34,8 @@ from interp import Conditioning, ConditioningBatch, Denoiser
 from interp.forward_mode import forward_mode_ready
 from interp.inputs import as_seeds, check_conditioning, check_locations, noisy_inputs, resolve_timestep
 from interp.validation import check_finite
-from interp.evaluate import Output, accumulation_dtype, evaluate
+from interp.compat import renamed_kwargs
+from interp.evaluate import Quantity, accumulation_dtype, evaluate
 from interp.results import ProbeResult
 from probes.summaries import effective_conditioners, region_fractions
 
@@ -45,14 +46,14 @@ def _batched(cond: Conditioning, n: int) -> ConditioningBatch:
     return ConditioningBatch.stack([cond]).repeat(n)
 
 
-def token_function(den: Denoiser, x: Tensor, timestep: Tensor, cond: Conditioning, n: int, *, output: Output = "prediction"):
+def token_function(den: Denoiser, x: Tensor, timestep: Tensor, cond: Conditioning, n: int, *, quantity: Quantity = "prediction"):
     """``f(tokens (n, L, D)) -> (n, C, H, W)``: the conditional branch at one input ``x (1, C, H, W)``."""
     base = _batched(cond, n)
     xs = x.expand(n, *x.shape[1:]).contiguous()
 
     def f(tokens: Tensor) -> Tensor:
         cb = ConditioningBatch(tokens=tokens, mask=base.mask, added=base.added)
-        return evaluate(den, xs, timestep, cb, branch="cond", output=output)
+        return evaluate(den, xs, timestep, cb, branch="cond", quantity=quantity)
 
     return f
 
@@ -79,6 +80,7 @@ def direction_set(cond: Conditioning, j: int, directions: int | str, *, seed: in
     raise ValueError(f"directions must be 'all' or a positive int, got {directions!r}")
 
 
+@renamed_kwargs(output="quantity")
 def conditioner_jvp(
     den: Denoiser,
     cond: Conditioning,
@@ -87,7 +89,7 @@ def conditioner_jvp(
     x_t: Tensor | None = None,
     t: float | None = None,
     timestep: Tensor | float | int | None = None,
-    output: Output = "prediction",
+    quantity: Quantity = "prediction",
     chunk_size: int = 8,
 ) -> Tensor:
     """``(∂D/∂tokens)·v`` for each tangent ``v`` in ``tangents (N, L, D)`` at one input ``x_t (1, C, H, W)``.
@@ -116,13 +118,14 @@ def conditioner_jvp(
     acc = accumulation_dtype(x)
     for start in range(0, tangents.shape[0], chunk_size):
         v = tangents[start : start + chunk_size]
-        f = token_function(den, x, ts, cond, v.shape[0], output=output)
+        f = token_function(den, x, ts, cond, v.shape[0], quantity=quantity)
         primal = cond.tokens.unsqueeze(0).expand(v.shape[0], -1, -1).clone()
         _, tan = torch.func.jvp(f, (primal,), (v.to(primal.dtype),))
         outs.append(tan.detach().to(acc))
     return torch.cat(outs)
 
 
+@renamed_kwargs(output="quantity")
 def conditional_locality(
     den: Denoiser,
     cond: Conditioning,
@@ -138,7 +141,7 @@ def conditional_locality(
     x0: Tensor | None = None,
     shape: Sequence[int] | None = None,
     branch: Literal["cond", "guided"] = "cond",
-    output: Output = "prediction",
+    quantity: Quantity = "prediction",
     chunk_size: int = 8,
     max_conditioners: int = 64,
     dtype: torch.dtype = torch.float32,
@@ -158,7 +161,7 @@ def conditional_locality(
         baseline: ``(L, D)`` baseline tokens for ``"attribution"`` (default zeros).
         x0, shape, dtype: forward-process inputs (see :func:`interp.inputs.forward_samples`).
         branch: ``"cond"`` or ``"guided"`` (``s ×`` the conditional derivative; ablation uses the real CFG output).
-        output: ``"prediction"`` or ``"score"``.
+        quantity: ``"prediction"`` (the raw network output) or ``"score"`` (∇ log p_t).
         chunk_size: JVP directions per forward pass.
         max_conditioners: refuse larger conditioner sets (cost grows linearly in ``k``).
 
@@ -184,7 +187,7 @@ def conditional_locality(
     cond = cond.to(den.device)
     result = ProbeResult(
         "conditional_locality",
-        metadata={**den.metadata(), "site": "output", "branch": branch, "output": output, "directions": str(directions),
+        metadata={**den.metadata(), "site": "output", "branch": branch, "quantity": quantity, "directions": str(directions),
                   "radius": radius, "seeds": seed_list, "n_samples": int(inputs[0][1].shape[0]), "k": cond.k,
                   "levels": levels},
     )
@@ -198,7 +201,7 @@ def conditional_locality(
                     if "jvp" in maps:
                         v, factor = direction_set(cond, j, directions, seed=j)
                         sq = torch.stack([
-                            conditioner_jvp(den, cond, v, x_t=xs[s : s + 1], timestep=ts, output=output,
+                            conditioner_jvp(den, cond, v, x_t=xs[s : s + 1], timestep=ts, quantity=quantity,
                                             chunk_size=chunk_size).pow(2).sum((0, 1))
                             for s in range(xs.shape[0])
                         ])  # (S, H, W)
@@ -208,13 +211,13 @@ def conditional_locality(
                         d = torch.zeros_like(cond.tokens)
                         idx = cond.token_indices(j)
                         d[idx] = cond.tokens[idx] - b[idx]
-                        att = torch.stack([conditioner_jvp(den, cond, d[None], x_t=xs[s : s + 1], timestep=ts, output=output)[0]
+                        att = torch.stack([conditioner_jvp(den, cond, d[None], x_t=xs[s : s + 1], timestep=ts, quantity=quantity)[0]
                                            for s in range(xs.shape[0])])
                         per["attribution"].append(scale * att.mean(0))
         if "ablation" in maps:
-            full = _branch_out(den, xs, ts, cond, branch, output).to(acc)
+            full = _branch_out(den, xs, ts, cond, branch, quantity).to(acc)
             for j in range(cond.k):
-                dropped = _branch_out(den, xs, ts, cond.drop(j), branch, output).to(acc)
+                dropped = _branch_out(den, xs, ts, cond.drop(j), branch, quantity).to(acc)
                 per["ablation"].append((full - dropped).pow(2).sum(1).sqrt().mean(0))
         for m in maps:
             stacked = torch.stack(per[m])  # (k, H, W) or (k, C, H, W)
@@ -230,9 +233,9 @@ def conditional_locality(
     return result
 
 
-def _branch_out(den: Denoiser, x: Tensor, t: Tensor, cond: Conditioning, branch: str, output: Output) -> Tensor:
+def _branch_out(den: Denoiser, x: Tensor, t: Tensor, cond: Conditioning, branch: str, quantity: Quantity) -> Tensor:
     with torch.no_grad():
-        return evaluate(den, x, t, cond, branch=branch, output=output)  # type: ignore[arg-type]
+        return evaluate(den, x, t, cond, branch=branch, quantity=quantity)  # type: ignore[arg-type]
 
 
 def _summarise(result: ProbeResult, g: Tensor, cond: Conditioning, radius: float | None, **index: object) -> None:

@@ -85,7 +85,7 @@ def cpc_residual(
 
         def score(c: Conditioning) -> Tensor:
             with torch.no_grad():
-                return evaluate(den, xs, ts, c, branch=branch, output="score").to(acc)
+                return evaluate(den, xs, ts, c, branch=branch, quantity="score").to(acc)
 
         full, null = score(cond), score(cond.null())
         comp = masked_composition(null, [score(cond.only(j)) for j in range(cond.k)], masks)

@@ -26,14 +26,15 @@ import torch
 from torch import Tensor
 
 from interp import Conditioning, Denoiser
-from interp.evaluate import Branch, Output, accumulation_dtype, evaluate
+from interp.compat import renamed_kwargs
+from interp.evaluate import Branch, Quantity, accumulation_dtype, evaluate
 from interp.forward_mode import forward_mode_ready
 from interp.inputs import PixelSpec, as_seeds, noisy_inputs, pixel_list, resolve_timestep
 from interp.results import ProbeResult
 from interp.validation import check_finite, format_bytes, parse_bytes
 from probes.summaries import DEFAULT_QUANTILES, pixel_summaries
 
-__all__ = ["Branch", "Output", "RowEngine", "aggregate_map", "evaluate", "pixel_jacobian", "pixel_locality"]
+__all__ = ["Branch", "Quantity", "RowEngine", "aggregate_map", "evaluate", "pixel_jacobian", "pixel_locality"]
 
 
 def saved_bytes(fn: Callable[[Tensor], Tensor], x: Tensor) -> int:
@@ -130,6 +131,7 @@ def _legacy_positional(fn: str, den: Denoiser, cond: Any, args: tuple, x_t: Tens
     return args[1], cond, args[0]
 
 
+@renamed_kwargs(output="quantity")
 def pixel_jacobian(
     den: Denoiser,
     cond: Conditioning,
@@ -139,7 +141,7 @@ def pixel_jacobian(
     timestep: Tensor | float | int | None = None,
     pixels: PixelSpec = "all",
     branch: Branch = "cond",
-    output: Output = "prediction",
+    quantity: Quantity = "prediction",
     chunk_size: int | None = None,
     memory_budget: int | str | None = None,
     derivative_ready: bool = False,
@@ -153,7 +155,7 @@ def pixel_jacobian(
         t / timestep: their noise level — a noise fraction ``t`` in ``[0, 1]`` or the raw training
             ``timestep`` (exactly one).
         pixels: ``"all"``, a grid stride, or integer ``(row, col)`` pairs (see :func:`interp.inputs.pixel_list`).
-        branch / output: which function is differentiated (prediction or score, CFG branch).
+        branch / quantity: which function is differentiated (prediction or score, CFG branch).
         chunk_size / memory_budget: VJP batching (see :class:`RowEngine`).
         derivative_ready: differentiate inside :func:`interp.forward_mode.forward_mode_ready` (math SDPA).
             Off by default: on CPU the fused SDPA backward, though it has no batching rule, was not slower.
@@ -164,7 +166,7 @@ def pixel_jacobian(
     cond, x_t, timestep = _legacy_positional("pixel_jacobian", den, cond, legacy, x_t, timestep)
     rows: list[list[Tensor]] = []
     for s, _, block in iter_jacobian_blocks(den, cond, x_t=x_t, t=t, timestep=timestep, pixels=pixels, branch=branch,
-                                            output=output, chunk_size=chunk_size, memory_budget=memory_budget,
+                                            quantity=quantity, chunk_size=chunk_size, memory_budget=memory_budget,
                                             derivative_ready=derivative_ready):
         if s == len(rows):
             rows.append([])
@@ -182,7 +184,7 @@ def iter_jacobian_blocks(
     pixels: PixelSpec = "all",
     block: int = 256,
     branch: Branch = "cond",
-    output: Output = "prediction",
+    quantity: Quantity = "prediction",
     chunk_size: int | None = None,
     memory_budget: int | str | None = None,
     derivative_ready: bool = False,
@@ -202,7 +204,7 @@ def iter_jacobian_blocks(
     ctx = forward_mode_ready(den.unet) if derivative_ready else contextlib.nullcontext()
     with ctx:
         for s in range(x_t.shape[0]):
-            fn = lambda x: evaluate(den, x, ts, cond, branch=branch, output=output)  # noqa: E731
+            fn = lambda x: evaluate(den, x, ts, cond, branch=branch, quantity=quantity)  # noqa: E731
             eng = RowEngine(fn, x_t[s : s + 1], chunk_size=chunk_size, memory_budget=memory_budget)
             C_out = eng.out.shape[1]
             for start in range(0, px.shape[0], block):
@@ -217,6 +219,7 @@ def aggregate_map(jac: Tensor) -> Tensor:
     return jac.abs().sum(dim=(2, 3)).mean(0)
 
 
+@renamed_kwargs(output="quantity", radius="radius_px")
 def pixel_locality(
     den: Denoiser,
     cond: Conditioning,
@@ -229,10 +232,9 @@ def pixel_locality(
     x0: Tensor | None = None,
     shape: Sequence[int] | None = None,
     branch: Branch = "cond",
-    output: Output = "prediction",
+    quantity: Quantity = "prediction",
     method: Literal["dense", "compressed"] = "dense",
     radius_px: int | None = None,
-    radius: int | None = None,
     quantiles: Sequence[float] = DEFAULT_QUANTILES,
     chunk_size: int | None = None,
     memory_budget: int | str | None = None,
@@ -250,27 +252,22 @@ def pixel_locality(
         pixels: output pixels ``i`` (``"all"``, a grid stride, or ``(row, col)`` pairs).
         x0: clean images the forward process starts from (default: zeros, see :mod:`interp.inputs`).
         shape: ``(C, H, W)`` for networks whose config does not say it.
-        branch / output: CFG branch and prediction-or-score.
+        branch / quantity: CFG branch and prediction-or-score.
         method: ``"dense"`` (one VJP per row) or ``"compressed"`` (coloured probing for local models,
             certified, dense fallback; needs ``radius_px``, see :mod:`probes.compressed`).
         radius_px: hypothesised receptive-field radius in pixels (Chebyshev) for ``method="compressed"``.
-        radius: deprecated name of ``radius_px``.
         quantiles: mass fractions for the square-side and radius summaries.
         chunk_size / memory_budget: VJP batching.
         keep_jacobian: also return the full rows (``"jacobian"``: ``(T, S, P, C_out, C_in, H, W)``).
         dtype: dtype of ``x_t`` (use float64 with a float64 model for finite-difference checks).
+
+    ``radius=`` and ``output=`` are the deprecated names of ``radius_px=`` and ``quantity=``.
 
     Returns:
         :class:`ProbeResult` with maps ``"G" (T, P, H, W)``, ``"pixels" (P, 2)`` and rows
         ``side_50, radius_50, ..., participation_ratio`` per ``(t, pixel_row, pixel_col)``, plus
         ``backward_passes`` per ``t``.
     """
-    if radius is not None:
-        import warnings
-
-        warnings.warn("pixel_locality(radius=) is deprecated: the pixel radius is radius_px= (Chebyshev pixels); "
-                      "`radius` means normalised units everywhere else", DeprecationWarning, stacklevel=2)
-        radius_px = radius if radius_px is None else radius_px
     if method not in ("dense", "compressed"):
         raise ValueError(f"method must be 'dense' or 'compressed', got {method!r}")
     if method == "compressed" and radius_px is None:
@@ -284,7 +281,7 @@ def pixel_locality(
             **den.metadata(),
             "site": "output",
             "branch": branch,
-            "output": output,
+            "quantity": quantity,
             "method": method,
             "seeds": seed_list if seed_list is not None else "x_t given",
             "n_samples": int(inputs[0][1].shape[0]),
@@ -299,7 +296,7 @@ def pixel_locality(
         if method == "dense" and not keep_jacobian:
             G = None
             passes = 0
-            for s, sl, rows in iter_jacobian_blocks(den, cond, x_t=xs, timestep=ts, pixels=px, branch=branch, output=output,
+            for s, sl, rows in iter_jacobian_blocks(den, cond, x_t=xs, timestep=ts, pixels=px, branch=branch, quantity=quantity,
                                                     chunk_size=chunk_size, memory_budget=memory_budget):
                 if G is None:
                     G = torch.zeros(px.shape[0], *rows.shape[-2:], dtype=rows.dtype, device=rows.device)
@@ -308,14 +305,14 @@ def pixel_locality(
             jac = None
             certified = torch.ones(px.shape[0], dtype=torch.bool)
         elif method == "dense":
-            jac = pixel_jacobian(den, cond, x_t=xs, timestep=ts, pixels=px, branch=branch, output=output,
+            jac = pixel_jacobian(den, cond, x_t=xs, timestep=ts, pixels=px, branch=branch, quantity=quantity,
                                  chunk_size=chunk_size, memory_budget=memory_budget)
             passes = jac.shape[0] * jac.shape[1] * jac.shape[2]
             certified = torch.ones(px.shape[0], dtype=torch.bool)
         else:
             from probes.compressed import compressed_jacobian
 
-            cj = compressed_jacobian(den, cond, x_t=xs, timestep=ts, radius_px=radius_px, branch=branch, output=output,
+            cj = compressed_jacobian(den, cond, x_t=xs, timestep=ts, radius_px=radius_px, branch=branch, quantity=quantity,
                                      chunk_size=chunk_size, memory_budget=memory_budget)
             H, W = xs.shape[-2:]
             flat = px[:, 0] * W + px[:, 1]

@@ -157,7 +157,9 @@ def test_clevr_site_selection_parity_and_streaming(clevr, tmp_path: Path) -> Non
     got, _ = capture_run(den, sites, run, backend="nnsight", count_steps=True, calls=3,
                          store=tmp_path / "acts")
     assert isinstance(got.store, ShardedStore)
-    assert_same_store(ref.store, ShardedStore.open(tmp_path / "acts"))
+    back = ShardedStore.open(tmp_path / "acts")
+    assert back.complete  # the nnsight capture closes the store it opened, as the torch capture does
+    assert_same_store(ref.store, back)
     assert ref.store.get("mid_block", 1, "uncond").shape == (2, 3, 4, 6)  # 8x8 map, rows [0,4), cols [2,8)
     assert {k.step for k in ref.store.find("up_blocks.0.attentions.0.proj_in")} == {0, 2}
 

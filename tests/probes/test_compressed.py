@@ -187,7 +187,7 @@ def test_arguments():
     with pytest.warns(DeprecationWarning, match="radius_px"):
         old = compressed_jacobian(den, cond, x_t=x, t=T, radius=1)
     assert old.radius_px == 1 and bool(old.certified.all())
-    with pytest.raises(ValueError, match="radius_px"):
+    with pytest.raises(TypeError, match="radius_px"):
         compressed_jacobian(den, cond, x_t=x, t=T, radius_px=1, radius=1)
     with pytest.raises(TypeError, match="radius_px"):
         compressed_jacobian(den, cond, x_t=x, t=T)

@@ -81,3 +81,16 @@ def test_the_old_positional_calls_still_work_with_a_deprecation_warning(local_de
     with pytest.warns(DeprecationWarning, match="radius_px"):
         probes.pixel_locality(local_den, toy_cond, t=0.5, seeds=1, pixels=[(2, 2)], method="compressed", radius=2,
                               dtype=torch.float64)
+
+
+def test_output_is_now_quantity_and_the_old_keyword_still_works(local_den, toy_cond):
+    x = torch.randn(1, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    new = probes.pixel_jacobian(local_den, toy_cond, x_t=x, t=0.5, pixels=[(2, 2)], quantity="score")
+    with pytest.warns(DeprecationWarning, match="quantity="):
+        old = probes.pixel_jacobian(local_den, toy_cond, x_t=x, t=0.5, pixels=[(2, 2)], output="score")
+    assert torch.equal(new, old)
+    assert not torch.equal(new, probes.pixel_jacobian(local_den, toy_cond, x_t=x, t=0.5, pixels=[(2, 2)]))
+    with pytest.raises(TypeError, match="only quantity="):
+        probes.pixel_jacobian(local_den, toy_cond, x_t=x, t=0.5, quantity="score", output="score")
+    with pytest.raises(ValueError, match="quantity must be"):
+        probes.pixel_jacobian(local_den, toy_cond, x_t=x, t=0.5, quantity="scores")
