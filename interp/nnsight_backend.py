@@ -38,7 +38,9 @@ How scorescope maps its capture onto that
 * **Same store, same bits.** Values go through :meth:`interp.capture.Capture.record` — the very code the
   torch hooks use (branch slicing, :meth:`Site.select` regions and channels, ``store_dtype``, a CPU copy,
   the memory budget and spilling) — the moment the module returns, so a streamed capture
-  (``store=<folder>``) stays as flat in memory as with hooks. Tests check ``torch.equal`` between the
+  (``store=<folder>``) stays as flat in memory as with hooks. The run ends as a torch capture's block does:
+  a store the capture opened is closed (``closed: false`` plus ``aborted`` when the run raised), and a
+  site whose ``steps``/``branch`` matched no call raises :class:`~interp.capture.SiteSelectionError`. Tests check ``torch.equal`` between the
   two backends per site, step and branch.
 * **The model is left as it was.** nnsight leaves its controllers in every module permanently ("inert
   outside a trace"); here they are removed again on every exit path (:func:`instrumented`), so after a

@@ -318,7 +318,7 @@ class ShardedStore(ActivationStore):
         sidecars = sorted(f for f in root.glob("shard-*.json") if _SHARD_FILE.fullmatch(f.name))
         problems: list[str] = []
         if closed:
-            n_shards, n_tensors = index.get("n_shards"), index.get("n_tensors")
+            n_shards = index.get("n_shards")
             expected = {f"shard-{i:05d}.json" for i in range(n_shards if isinstance(n_shards, int) else 0)}
             found = {f.name for f in sidecars}
             if expected - found:

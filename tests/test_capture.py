@@ -353,3 +353,22 @@ def test_an_aborted_capture_keeps_its_data_and_says_it_is_partial(clevr, tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert open_store(tmp_path / "good").complete
+
+
+def test_a_module_run_twice_in_one_call_keeps_both_runs(clevr):
+    """diffusers resnets apply one shared `nonlinearity` to the features and the time embedding (old: overwritten)."""
+    den, cond = clevr
+    path = "down_blocks.0.resnets.0.nonlinearity"
+    with torch.no_grad(), capture(den, path) as cap:
+        den.predict(torch.randn(1, 3, 32, 32), 10, cond)
+    runs = sorted(cap.store.keys())
+    assert [k.site for k in runs] == [path, f"{path}#1", f"{path}#2"] and {k.call for k in runs} == {0}
+    # features after norm1 (B, C, h, w), the time embedding (B, C), features after norm2
+    assert [cap.store[k].dim() for k in runs] == [4, 2, 4]
+
+
+def test_two_sites_naming_one_module_are_refused(clevr):
+    den, _ = clevr
+    with pytest.raises(ValueError, match="'mid_block' is named by two sites"):
+        capture(den, ["mid_block", Site("mid_block", branch="cond")]).__enter__()
+    assert count_hooks(den.unet) == 0
