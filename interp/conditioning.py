@@ -71,10 +71,12 @@ class Conditioning:
 
     Attributes:
         tokens: ``(L, D)`` token embeddings.
-        owner: ``(L,)`` int64, the index of the conditioner owning each token, ``-1`` for context tokens.
-        labels: one name per conditioner (``k = len(labels)``).
+        owner: ``(L,)`` integer (int64), the index of the conditioner owning each token, ``-1`` for context
+            tokens; every conditioner owns at least one token.
+        labels: one name per conditioner (``k = len(labels)``; a list is stored as a tuple).
         locations: ``(k, 2)`` normalised ``(x, y)`` positions in ``[0, 1]`` (image x to the right, y down),
-            or ``None`` for conditioners without a location.
+            or ``None`` for conditioners without a location. Floating, in the caller's precision (float64
+            locations stay float64 — probes measure distances with them — while tokens follow the model).
         added: extra per-sample model inputs (SDXL: ``text_embeds (1280,)``, ``time_ids (6,)``).
         null_tokens: ``(L0, D)`` tokens of the model's null condition, when it is not just the context
             tokens (SDXL's unconditional prompt embedding).
@@ -290,7 +292,7 @@ class Conditioning:
             )
         groups = []
         for j, g in enumerate(conditioner_tokens):
-            if not isinstance(g, Tensor) or g.dim() not in (1, 2) or g.shape[-1] != context.shape[1] or g.dim() == 2 and g.shape[0] == 0:
+            if not isinstance(g, Tensor) or g.dim() not in (1, 2) or g.shape[-1] != context.shape[1] or (g.dim() == 2 and g.shape[0] == 0):
                 shape = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
                 raise ValueError(
                     f"conditioner_tokens[{j}] must be (n_j, {context.shape[1]}) with n_j >= 1 or ({context.shape[1]},), got {shape}"

@@ -113,11 +113,15 @@ class Denoiser:
     """Call a diffusion network as ``D(x_t, timestep, c)`` and convert its output to a score.
 
     Args:
-        unet: any module with the ``UNet2DConditionModel`` call signature.
+        unet: any module with the ``UNet2DConditionModel`` call signature: ``forward`` takes
+            ``(sample, timestep, encoder_hidden_states)`` positionally (refused at construction otherwise) and,
+            when a call needs them, ``encoder_attention_mask`` / ``added_cond_kwargs``. Its ``config`` may be
+            a dict, a diffusers ``FrozenDict``, an attribute object or absent (see :func:`config_view`).
         scheduler: a diffusers scheduler, or its config dict (default: DDPM, 1000 linear steps). Only its
             noise schedule (``alphas_cumprod``) and prediction type are used here; sampling loops use it too.
         prediction_type: override the scheduler's ``prediction_type``.
-        guidance_scale: classifier-free guidance scale; ``None`` or ``1.0`` means no guidance.
+        guidance_scale: classifier-free guidance scale, finite and >= 0; ``None`` or ``1.0`` means no guidance,
+            ``0`` the unconditional prediction.
         cfg_mode: ``"batched"`` (one call on ``[uncond; cond]``) or ``"separate"`` (one call per branch).
         name: a name carried into result metadata.
     """
