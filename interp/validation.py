@@ -31,16 +31,34 @@ def check_finite(name: str, t: Tensor) -> None:
         )
 
 
-def parse_bytes(value: int | float | str | None) -> int | None:
-    """``"2GiB"``, ``"500MB"``, ``1e9`` -> bytes (``None`` passes through)."""
-    if value is None or isinstance(value, (int, float)):
-        return None if value is None else int(value)
-    s = value.strip().replace(" ", "")
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    for unit, mult in units.items():
-        if s.upper().endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(float(s))
+def parse_bytes(value: int | float | str | None, name: str = "budget") -> int | None:
+    """``"2GiB"``, ``"500MB"``, ``1e9`` -> a positive number of bytes (``None`` passes through).
+
+    Raises:
+        ValueError: naming ``name``, for zero, negative, non-finite or unparsable sizes.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{name} must be a number of bytes or a size such as '2GiB', got {value!r}")
+    if isinstance(value, str):
+        s = value.strip().replace(" ", "")
+        units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+                 "TB": 10**12, "B": 1}
+        mult, number = 1, s
+        for unit, m in units.items():
+            if s.upper().endswith(unit):
+                mult, number = m, s[: -len(unit)]
+                break
+        try:
+            amount = float(number) * mult
+        except ValueError:
+            raise ValueError(f"{name}={value!r} is not a size; use bytes or a size such as '512MiB' or '2GB'") from None
+    else:
+        amount = float(value)
+    if not math.isfinite(amount) or amount < 1:
+        raise ValueError(f"{name}={value!r} must be a positive size (at least 1 byte); use e.g. '512MiB'")
+    return int(amount)
 
 
 def format_bytes(n: float) -> str:

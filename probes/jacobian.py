@@ -58,7 +58,7 @@ def auto_chunk(fn: Callable[[Tensor], Tensor], x: Tensor, memory_budget: int | s
     On CPU the chunk is capped at 32 rows (batching buys little there and large chunks are slower,
     PITFALLS.md); on GPU at 1,024.
     """
-    budget = parse_bytes(memory_budget) or 2**30
+    budget = parse_bytes(memory_budget, "memory_budget") or 2**30
     per_row = saved_bytes(fn, x)
     if per_row > budget:
         raise MemoryError(

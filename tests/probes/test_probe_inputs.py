@@ -94,3 +94,10 @@ def test_output_is_now_quantity_and_the_old_keyword_still_works(local_den, toy_c
         probes.pixel_jacobian(local_den, toy_cond, x_t=x, t=0.5, quantity="score", output="score")
     with pytest.raises(ValueError, match="quantity must be"):
         probes.pixel_jacobian(local_den, toy_cond, x_t=x, t=0.5, quantity="scores")
+
+
+@pytest.mark.parametrize("bad", ["-5MB", "lots", 0, float("nan"), True])
+def test_memory_budget_must_be_a_positive_size(local_den, toy_cond, bad):
+    x = torch.zeros(1, 3, 12, 12, dtype=torch.float64)
+    with pytest.raises(ValueError, match="memory_budget"):
+        probes.pixel_jacobian(local_den, toy_cond, x_t=x, t=0.5, pixels=[(1, 1)], memory_budget=bad)
