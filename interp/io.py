@@ -105,8 +105,8 @@ def prepare_output_dir(folder: str | Path, kind: str, *, overwrite: bool = False
     ``FileExistsError`` naming ``--overwrite``: any other non-empty folder — a user's folder, or another
     command's output.
 
-    ``overwrite=True`` on a foreign folder claims it without deleting anything in it; the command must still
-    replace only the files it writes.
+    ``overwrite=True`` on a foreign folder writes the marker only where there is none (another command's marker
+    is left as it is) and deletes nothing; the command must still replace only the files it writes.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -121,7 +121,9 @@ def prepare_output_dir(folder: str | Path, kind: str, *, overwrite: bool = False
             "into it (only the files this command writes are replaced; nothing else is deleted)"
         )
     folder.mkdir(parents=True, exist_ok=True)
-    if not ours:
+    # Mark the folder as ours only if nothing is marked yet: another command's marker (or a file of that name we
+    # cannot read) is not ours to rewrite. Such a folder then needs --overwrite again on the next run.
+    if not (folder / MARKER).exists():
         from interp.metadata import version
 
         atomic_write_json(folder / MARKER, {"kind": kind, "version": version()})

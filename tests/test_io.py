@@ -58,3 +58,11 @@ def test_prepare_output_dir_claims_empty_refuses_foreign_and_reuses_its_own(tmp_
         prepare_output_dir(foreign, "demo")
     prepare_output_dir(foreign, "demo", overwrite=True)
     assert (foreign / "keep.txt").read_text() == "mine"
+
+
+def test_overwrite_never_rewrites_another_commands_marker(tmp_path):
+    out = prepare_output_dir(tmp_path / "d", "demo")
+    (out / "x.csv").write_text("demo output")
+    before = (out / MARKER).read_text()
+    prepare_output_dir(out, "locality-sweep", overwrite=True)
+    assert (out / MARKER).read_text() == before

@@ -8,6 +8,11 @@
 
 ``--model`` accepts a shipped name (exp1, exp2, exp3, colour), ``tiny-clevr``, a pipeline folder or a
 training run folder (its latest EMA checkpoint).
+
+``train --out`` resumes only its own runs; any other non-empty folder needs ``--overwrite``, and even then a
+``loss.csv``, ``latest.json``, ``pipeline/`` or ``ckpt-*`` it did not write is refused, never replaced. Every
+option is checked (and every output path tested for writability) before any training or sampling starts; a
+bad one is reported as one usage error naming the option.
 """
 
 from __future__ import annotations
