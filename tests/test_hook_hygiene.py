@@ -19,7 +19,7 @@ import torch
 
 import probes
 from interp import count_hooks, sample
-from interp.capture import capture, read_activation
+from interp.capture import capture, capture_run, plan_capture, read_activation
 from interp.forward_mode import forward_mode_ready, sdpa_backends
 from interp.models import clevr_pipeline
 
@@ -94,7 +94,22 @@ FUNCTION_VERBS: dict[str, Callable] = {
         den, "mid_block", cond, t=0.5, seeds=1, directions=1),
     "integrated_gradients": lambda den, cond, x: probes.integrated_gradients_map(
         den, cond, t=0.5, seeds=1, pixels=[(5, 5)], n_steps=2),
+    "compressed_jacobian": lambda den, cond, x: probes.compressed_jacobian(
+        den, cond, x_t=x, t=0.5, radius_px=1, fallback=False),
+    "conditioner_jvp": lambda den, cond, x: _jvp(den, cond, x),
+    "concept_cosines": lambda den, cond, x: probes.concept_cosines(
+        den, "mid_block", {"a": cond.only(0), "b": cond.only(1)}, t=0.5, seeds=1),
+    "locality_sweep": lambda den, cond, x: probes.locality_sweep(
+        den, cond, sites=["output", "mid_block"], t=[0.5], seeds=1, directions=1),
+    "plan_capture": lambda den, cond, x: plan_capture(den, "*attn2", sample_shape=(1, 3, 32, 32)),
+    "capture_nnsight": lambda den, cond, x: capture_run(
+        den, "mid_block", lambda: den.predict(x, 500, cond), backend="nnsight", calls=1),
 }
+
+
+def _jvp(den, cond, x):
+    with forward_mode_ready(den.unet):
+        return probes.conditioner_jvp(den, cond, torch.ones(1, *cond.tokens.shape), x_t=x, t=0.5)
 
 
 def _sample_captured(den, cond):
