@@ -6,6 +6,11 @@ pipeline adapter) knows, and says so by entering :func:`unet_call`. Hooks then r
 
 Branches are labelled explicitly as ``(name, batch-slice)`` pairs, so nothing ever assumes that a CFG
 batch has two halves: a separate-call guider simply announces one branch per call.
+
+A :class:`~interp.Denoiser` also announces the :class:`~interp.Conditioning` of every row of the batch
+(``UNetCall.conditionings``): an edit inside the network that needs to know which tokens belong to which
+conditioner and where it is (distance-masked cross-attention, feature-space composition) reads it here
+instead of guessing from ``encoder_hidden_states``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import contextvars
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 BRANCHES = ("uncond", "cond", "guided")
 """The three CFG branch names. ``guided`` is never a U-Net call of its own; it labels combined outputs."""
@@ -28,11 +34,14 @@ class UNetCall:
         branches: ``(name, slice)`` pairs partitioning the call's batch dimension, e.g.
             ``(("uncond", slice(0, 2)), ("cond", slice(2, 4)))`` for batched CFG with two samples.
         timestep: the scheduler timestep of the call, when known.
+        conditionings: the :class:`~interp.Conditioning` of each row of the batch (``()`` when unknown, e.g. a
+            raw pipeline call or a ``ConditioningBatch``), in batch order.
     """
 
     step: int | None = None
     branches: tuple[tuple[str, slice], ...] = ()
     timestep: float | None = None
+    conditionings: tuple[Any, ...] = ()
 
     def branch_slices(self, batch: int) -> tuple[tuple[str, slice], ...]:
         """The branch layout, defaulting to a single ``cond`` branch over the whole batch."""
@@ -56,10 +65,14 @@ def current_call() -> UNetCall | None:
 
 @contextlib.contextmanager
 def unet_call(
-    branches: Sequence[tuple[str, slice]] = (), *, step: int | None = None, timestep: float | None = None
+    branches: Sequence[tuple[str, slice]] = (),
+    *,
+    step: int | None = None,
+    timestep: float | None = None,
+    conditionings: Sequence[Any] = (),
 ) -> Iterator[UNetCall]:
-    """Announce that the U-Net calls inside this block have this step / branch layout."""
-    call = UNetCall(step=step, branches=tuple(branches), timestep=timestep)
+    """Announce that the U-Net calls inside this block have this step / branch layout (and row conditionings)."""
+    call = UNetCall(step=step, branches=tuple(branches), timestep=timestep, conditionings=tuple(conditionings))
     token = _CURRENT.set(call)
     try:
         yield call

@@ -343,8 +343,18 @@ class Denoiser:
             cond = self._nulls(cond, x_t.shape[0])
         cb = self._batch_cond(cond, x_t.shape[0])
         outer = current_call()
-        with unet_call(((branch, slice(0, x_t.shape[0])),), step=outer.step if outer else None):
+        with unet_call(((branch, slice(0, x_t.shape[0])),), step=outer.step if outer else None,
+                       conditionings=self._rows(cond, x_t.shape[0])):
             return self._call_unet(x_t, t, cb).to(x_t.dtype)
+
+    @staticmethod
+    def _rows(cond: CondLike, batch: int) -> tuple[Conditioning | None, ...]:
+        """The Conditioning of each of ``batch`` rows, announced to hooks (``None`` rows for a ConditioningBatch)."""
+        if isinstance(cond, Conditioning):
+            return (cond,) * batch
+        if isinstance(cond, ConditioningBatch):
+            return (None,) * batch
+        return tuple(cond)
 
     def _nulls(self, cond: CondLike, batch: int) -> CondLike:
         if isinstance(cond, Conditioning):
@@ -368,20 +378,22 @@ class Denoiser:
         t = self._timesteps(timestep)
         self._check_inputs(x_t, t)
         B = x_t.shape[0]
+        nulls = self._nulls(cond, B)
         cb_c = self._batch_cond(cond, B)
-        cb_u = self._batch_cond(self._nulls(cond, B), B)
+        cb_u = self._batch_cond(nulls, B)
+        rows_c, rows_u = self._rows(cond, B), self._rows(nulls, B)
         outer = current_call()
         step = outer.step if outer else None
         if self.cfg_mode == "batched":
             both = ConditioningBatch.concat([cb_u, cb_c])
             tt = t if t.dim() == 0 else torch.cat([t, t])
-            with unet_call(batched_cfg_branches(2 * B), step=step):
+            with unet_call(batched_cfg_branches(2 * B), step=step, conditionings=rows_u + rows_c):
                 out = self._call_unet(torch.cat([x_t, x_t]), tt, both).to(x_t.dtype)
             uncond, cond_out = out[:B], out[B:]
         else:
-            with unet_call((("uncond", slice(0, B)),), step=step):
+            with unet_call((("uncond", slice(0, B)),), step=step, conditionings=rows_u):
                 uncond = self._call_unet(x_t, t, cb_u).to(x_t.dtype)
-            with unet_call((("cond", slice(0, B)),), step=step):
+            with unet_call((("cond", slice(0, B)),), step=step, conditionings=rows_c):
                 cond_out = self._call_unet(x_t, t, cb_c).to(x_t.dtype)
         return {"uncond": uncond, "cond": cond_out, "guided": uncond + scale * (cond_out - uncond)}
 

@@ -13,7 +13,8 @@ removes every hook it added, so a failed experiment never leaves a model silentl
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from torch import nn
@@ -32,11 +33,32 @@ class ForwardPreHook(Protocol):
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
 
 
+class ProcessorConflictError(RuntimeError):
+    """Two live edits tried to replace the attention processor of the same module."""
+
+
+# Attention modules whose processor a live HookSet has replaced (module -> that HookSet). A second swap of the same
+# module while the first is live is refused: undoing them out of order would reinstall the wrong processor.
+_SWAPPED: weakref.WeakKeyDictionary[nn.Module, HookSet] = weakref.WeakKeyDictionary()
+
+
+class _Undo:
+    """A ``RemovableHandle``-like object that runs ``fn`` once when removed."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn: Callable[[], None] | None = fn
+
+    def remove(self) -> None:
+        fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
+
+
 class HookSet:
-    """A set of hooks that are all removed together, on every exit path."""
+    """A set of hooks (and processor swaps) that are all undone together, newest first, on every exit path."""
 
     def __init__(self) -> None:
-        self._handles: list[RemovableHandle] = []
+        self._handles: list[RemovableHandle | _Undo] = []
 
     def forward(self, module: nn.Module, hook: ForwardHook, *, prepend: bool = False) -> RemovableHandle:
         """Register ``hook`` to run after ``module.forward``."""
@@ -55,8 +77,37 @@ class HookSet:
         self._handles.append(handle)
         return handle
 
+    def swap_processor(self, module: nn.Module, processor: Any) -> Any:
+        """Install ``processor`` on a diffusers ``Attention`` ``module``; the original is restored on removal.
+
+        The exact original object is put back (not a copy). A module whose processor another live ``HookSet``
+        has replaced is refused with :class:`ProcessorConflictError`.
+
+        Returns:
+            the processor that was installed before.
+        """
+        if not (hasattr(module, "set_processor") and hasattr(module, "processor")):
+            raise TypeError(f"{type(module).__name__} has no attention processor to replace (not a diffusers Attention)")
+        owner = _SWAPPED.get(module)
+        if owner is not None and owner is not self:
+            raise ProcessorConflictError(
+                f"the attention processor of this {type(module).__name__} is already replaced by another active edit; "
+                "apply both edits in one block, or finish the first before starting the second"
+            )
+        original = module.processor
+        module.set_processor(processor)
+        _SWAPPED[module] = self
+
+        def restore() -> None:
+            module.set_processor(original)
+            if _SWAPPED.get(module) is self:
+                del _SWAPPED[module]
+
+        self._handles.append(_Undo(restore))
+        return original
+
     def remove(self) -> None:
-        """Remove every hook, newest first. Safe to call more than once."""
+        """Remove every hook and undo every swap, newest first. Safe to call more than once."""
         while self._handles:
             self._handles.pop().remove()
 
@@ -125,6 +176,7 @@ __all__ = [
     "ForwardHook",
     "ForwardPreHook",
     "HookSet",
+    "ProcessorConflictError",
     "count_hooks",
     "iter_tensors",
     "primary_tensor",

@@ -243,3 +243,39 @@ def clean_output_with(den, processors, cond, x) -> torch.Tensor:
         return clean_output(den, cond, x)
     finally:
         den.unet.set_attn_processor(current)
+
+
+def test_processor_swaps_restore_the_exact_object_and_refuse_a_second_live_swap(model):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from interp.hooks import HookSet, ProcessorConflictError
+
+    den, cond, x = model
+    attn = den.unet.mid_block.attentions[0].transformer_blocks[0].attn2
+    original = attn.processor
+    with HookSet() as a:
+        a.swap_processor(attn, AttnProcessor())
+        assert attn.processor is not original
+        with HookSet() as b, pytest.raises(ProcessorConflictError):
+            b.swap_processor(attn, AttnProcessor())
+    assert attn.processor is original
+    with HookSet() as again:  # the module is free again once the first swap is undone
+        again.swap_processor(attn, AttnProcessor())
+    assert attn.processor is original
+
+
+def test_the_denoiser_announces_each_rows_conditioning(model):
+    """Edits inside the network read which conditioning each batch row carries (batched CFG: nulls, then conds)."""
+    from interp.context import current_call
+
+    den, cond, x = model
+    seen = []
+    handle = den.unet.register_forward_pre_hook(lambda m, a: seen.append(current_call().conditionings))
+    try:
+        with torch.no_grad():
+            den.predict(x, 500, cond)
+            den.branches(x, 500, cond)
+    finally:
+        handle.remove()
+    assert seen[0] == (cond,)
+    assert len(seen[1]) == 2 and seen[1][0].is_null and seen[1][1] is cond
