@@ -6,7 +6,8 @@ generator closed early while inside the block — the model must come back exact
 module, the same attention processor objects, the same SDPA backend selection, the same ``requires_grad`` and
 grad mode, and outputs bit-identical to the clean model's.
 
-New verbs (interventions) join by adding one entry to ``VERBS``.
+New verbs join by adding one entry to ``CONTEXT_VERBS`` or ``FUNCTION_VERBS``; every intervention edit type
+(``interventions.Patch`` with each kind of source, ``MaskCrossAttention``, ``Compose``, ``ComposeScores``) is one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
+import interventions as iv
 import probes
 from interp import count_hooks, sample
 from interp.capture import capture, capture_run, plan_capture, read_activation
@@ -38,9 +40,12 @@ def model():
 
 
 def snapshot(den) -> dict:
+    from interventions import applied as live
+
     unet = den.unet
     procs = {name: id(p) for name, p in getattr(unet, "attn_processors", {}).items()}
     return {
+        "live_edits": (len(live._ACTIVE.get()), len(live._EDITED)),  # interventions' own registries emptied
         "hooks": count_hooks(unet),
         "processors": procs,
         "sdpa": sdpa_backends(),
@@ -74,10 +79,27 @@ def _forward_mode(den, cond, x):
     return forward_mode_ready(den.unet)
 
 
+def _patch_from_store(den, cond, x):
+    """Patch from a store recorded here (blocks, attn2 and the U-Net output), plus a zero-ablation of a channel."""
+    with iv.record(den, ["mid_block", "*attn2", "output"]) as rec, torch.no_grad():
+        den.predict(x, 500, cond)
+    return iv.apply(den, iv.Patch(["mid_block", "*attn2", "output"], iv.FromStore(rec.store)),
+                    iv.Patch("down_blocks.1", iv.Zero(), channels=[0]))
+
+
 CONTEXT_VERBS: dict[str, Callable] = {
     "capture": _capture,
     "capture_disk": _capture_disk,
     "forward_mode_ready": _forward_mode,
+    "apply_patch": _patch_from_store,
+    "apply_patch_fn_region": lambda den, cond, x: iv.apply(
+        den, iv.Patch("*attn2", iv.Fn(lambda a, call: -a), region=(0.0, 0.5, 0.0, 0.5))),
+    "apply_mask_cross_attention": lambda den, cond, x: iv.apply(den, iv.MaskCrossAttention("*attn2", radius=0.2)),
+    "apply_compose": lambda den, cond, x: iv.apply(den, iv.Compose(["mid_block", "up_blocks.*attn2"], radius=0.2)),
+    "apply_compose_scores": lambda den, cond, x: iv.apply(den, iv.ComposeScores(radius=0.2, soft=0.05)),
+    "apply_all_edits": lambda den, cond, x: iv.apply(
+        den, iv.Patch("down_blocks.1", iv.Zero()), iv.MaskCrossAttention("up_blocks.*attn2", radius=0.2),
+        iv.Compose("mid_block", radius=0.2), iv.ComposeScores(radius=0.2)),
 }
 
 FUNCTION_VERBS: dict[str, Callable] = {
@@ -104,6 +126,9 @@ FUNCTION_VERBS: dict[str, Callable] = {
     "plan_capture": lambda den, cond, x: plan_capture(den, "*attn2", sample_shape=(1, 3, 32, 32)),
     "capture_nnsight": lambda den, cond, x: capture_run(
         den, "mid_block", lambda: den.predict(x, 500, cond), backend="nnsight", calls=1),
+    "effect": lambda den, cond, x: iv.effect(den, iv.MaskCrossAttention(radius=0.2), cond, t=0.5, seeds=1),
+    "patching_sweep": lambda den, cond, x: iv.patching_sweep(
+        den, cond, cond.only(0), ["mid_block"], [0], shape=(1, 3, 32, 32), num_steps=1),
 }
 
 
