@@ -9,6 +9,7 @@ and score-level composition) use the same masks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -17,16 +18,24 @@ from torch import Tensor
 from interp.inputs import conditioner_distances
 
 
-def composition_masks(locations: Tensor, hw: tuple[int, int], radius: float) -> Tensor:
-    """``(k, H, W)`` disjoint float masks: the disc of radius ``radius`` around each location, each pixel
-    given to its nearest conditioner."""
-    if radius <= 0:
+def composition_masks(locations: Tensor, hw: tuple[int, int], radius: float, soft: float = 0.0) -> Tensor:
+    """``(k, H, W)`` float64 masks of the conditioners' regions, disjoint: each pixel belongs to its nearest
+    conditioner only.
+
+    ``soft = 0``: the disc of radius ``radius`` (0/1). ``soft > 0`` *(ours)*: 1 within ``radius``, a cosine edge
+    ``½(1 + cos(π (d − radius)/soft))`` out to ``radius + soft``, 0 beyond. Both in normalised Euclidean units.
+    """
+    if not radius > 0:
         raise ValueError(f"radius must be positive (normalised units), got {radius}")
+    if not soft >= 0:
+        raise ValueError(f"soft must be >= 0 (normalised units), got {soft}")
     dist = conditioner_distances(locations, hw)
-    nearest = dist.argmin(0)
     k = dist.shape[0]
-    own = nearest[None] == torch.arange(k).view(k, 1, 1)
-    return ((dist <= radius) & own).to(torch.float64)
+    own = dist.argmin(0)[None] == torch.arange(k).view(k, 1, 1)
+    if soft == 0:
+        return ((dist <= radius) & own).to(torch.float64)
+    ramp = ((dist - radius) / soft).clamp(0, 1)
+    return torch.where(own, 0.5 * (1 + torch.cos(math.pi * ramp)), torch.zeros_like(dist))
 
 
 def masked_composition(null: Tensor, singles: Sequence[Tensor], masks: Tensor) -> Tensor:

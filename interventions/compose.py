@@ -12,7 +12,6 @@ Soft masks (*ours*): ``soft > 0`` gives each disc a raised-cosine edge, 1 up to 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,26 +19,13 @@ import torch
 from torch import Tensor
 
 from interp.conditioning import Conditioning, ConditioningBatch
-from interp.inputs import conditioner_distances
 from interp.masks import composition_masks
 from interp.site import spatial_view
 
 
 def soft_composition_masks(locations: Tensor, hw: tuple[int, int], radius: float, soft: float = 0.0) -> Tensor:
-    """``(k, h, w)`` float64 composition masks; ``soft = 0`` is :func:`interp.masks.composition_masks`.
-
-    With ``soft > 0``: ``m_j = 1`` within ``radius`` of conditioner ``j``, ``½(1 + cos(π (d − radius)/soft))``
-    between ``radius`` and ``radius + soft``, 0 beyond; zero wherever another conditioner is nearer.
-    """
-    if soft == 0:
-        return composition_masks(locations, hw, radius)
-    if radius <= 0 or soft < 0:
-        raise ValueError(f"radius must be > 0 and soft >= 0 (normalised units), got radius={radius}, soft={soft}")
-    dist = conditioner_distances(locations, hw)
-    k = dist.shape[0]
-    own = dist.argmin(0)[None] == torch.arange(k).view(k, 1, 1)
-    ramp = ((dist - radius) / soft).clamp(0, 1)
-    return torch.where(own, 0.5 * (1 + torch.cos(math.pi * ramp)), torch.zeros_like(dist))
+    """``(k, h, w)`` composition masks with an optional soft edge: :func:`interp.masks.composition_masks`."""
+    return composition_masks(locations, hw, radius, soft)
 
 
 @dataclass
