@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_capture.py
 	$(BIN)/python bench/bench_probes.py
 	$(BIN)/python bench/bench_clevr.py
+	$(BIN)/python bench/bench_interventions.py --out docs/bench/interventions.json
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
