@@ -62,6 +62,11 @@ def _mount_plugins() -> None:
 
 _mount_plugins()
 
+# The application's own experiments are mounted directly (the application layer may import what it likes).
+from scorescope.intervene_cli import app as _intervene_app  # noqa: E402
+
+app.add_typer(_intervene_app, name="intervene")
+
 
 def main() -> None:  # pragma: no cover - console script
     app()

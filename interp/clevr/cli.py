@@ -83,7 +83,7 @@ def eval_(
     grid: Path = typer.Option(None, help="Sample grid image (default: next to the JSON)."),
     threads: int = typer.Option(None, help="torch.set_num_threads (>= 1)."),
 ) -> None:
-    """Length generalisation: count accuracy, recall, precision and mean count for each requested k."""
+    """Length generalisation: count accuracy, recall, precision, placement accuracy and mean count for each requested k."""
     import torch
 
     from interp.clevr.evaluate import OptionError, check_eval_options, evaluate_length, format_table, output_paths, parse_counts, write_outputs
@@ -115,7 +115,7 @@ def eval_(
 @app.command()
 def compare(
     results: list[Path] = typer.Argument(..., help="JSON files written by `scorescope clevr eval`."),
-    metric: str = typer.Option("count_acc", help="count_acc | recall | precision | mean_count | mean_extra | colour_acc."),
+    metric: str = typer.Option("count_acc", help="count_acc | recall | precision | placement_acc | mean_count | mean_extra | colour_acc."),
     out: Path = typer.Option(Path("clevr_compare.png"), help="Where to write the figure."),
 ) -> None:
     """Plot one metric against k for several evaluated models (one line each, training range shaded)."""

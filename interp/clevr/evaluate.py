@@ -4,7 +4,7 @@ For each requested count ``k``: draw ``n`` sets of ``k`` valid random locations 
 rule: border margin and minimum separation; seeded by ``(seed, k)``), sample one image per set with the
 model (DDIM, seeded), detect objects (:mod:`interp.clevr.detect`) and score them
 (:mod:`interp.clevr.metrics`): count accuracy P(detected = k), recall and precision of locations (Hungarian
-matching within a radius), mean detected count, unrequested objects per image and the count-error histogram.
+matching within a radius), placement accuracy (every requested location filled), mean detected count, unrequested objects per image and the count-error histogram.
 
 The same sets of locations are used for every model evaluated with the same seed, so tables of different
 models are paired comparisons. Colour-conditioned models get a random colour per location (also seeded), and
@@ -34,7 +34,7 @@ from interp.io import atomic_write, atomic_write_json, check_writable_file
 TRAIN_RANGE: tuple[int, int] = (1, 3)
 
 #: Per-k metrics that are fractions in [0, 1] (the others are counts).
-FRACTIONS: tuple[str, ...] = ("count_acc", "recall", "precision", "colour_acc")
+FRACTIONS: tuple[str, ...] = ("count_acc", "recall", "precision", "placement_acc", "colour_acc")
 
 
 def parse_counts(spec: str | Sequence[int]) -> list[int]:
@@ -140,7 +140,7 @@ def evaluate_length(
     """Run the length-generalisation evaluation.
 
     Returns a JSON-ready dict: ``per_k`` (list of ``{"k", "n", "count_acc", "recall", "precision",
-    "mean_count", "mean_extra", "error_hist"}``, plus ``"colour_acc"`` for colour-conditioned models: the
+    "placement_acc", "mean_count", "mean_extra", "error_hist"}``, plus ``"colour_acc"`` for colour-conditioned models: the
     fraction of matched objects drawn in the requested colour, read by
     :func:`~interp.clevr.attributes.read_colours`), ``meta`` (model, seed, steps, radius, ...), and under
     ``"_images"`` a ``(len(counts), keep_images, 3, H, W)`` tensor of the first samples per k for the grid figure (dropped by
@@ -288,14 +288,18 @@ def write_outputs(result: dict[str, Any], json_path: str | Path, *, figure_path:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """Markdown table of the per-k metrics."""
+    """Markdown table of the per-k metrics (``placement_acc`` shows ``n/a`` in results written before it existed)."""
     colour = any("colour_acc" in r for r in result["per_k"])
-    head = "| k | n | count_acc | recall | precision | mean_count | mean_extra |" + (" colour_acc |" if colour else "")
+    head = "| k | n | count_acc | recall | precision | placement_acc | mean_count | mean_extra |" + (" colour_acc |" if colour else "")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    nan = float("nan")
     for r in result["per_k"]:
         f = lambda v: "n/a" if v != v else f"{v:.3f}"  # noqa: E731 - NaN-aware formatting
-        row = f"| {r['k']} | {r['n']} | {f(r['count_acc'])} | {f(r['recall'])} | {f(r['precision'])} | {r['mean_count']:.2f} | {r.get('mean_extra', float('nan')):.2f} |"
-        lines.append(row + (f" {f(r.get('colour_acc', float('nan')))} |" if colour else ""))
+        row = (
+            f"| {r['k']} | {r['n']} | {f(r['count_acc'])} | {f(r['recall'])} | {f(r['precision'])} | "
+            f"{f(r.get('placement_acc', nan))} | {r['mean_count']:.2f} | {r.get('mean_extra', nan):.2f} |"
+        )
+        lines.append(row + (f" {f(r.get('colour_acc', nan))} |" if colour else ""))
     return "\n".join(lines)
 
 

@@ -22,7 +22,8 @@ def test_cli_eval_writes_table_figure_and_grid(tmp_path):
     data = json.loads(out.read_text())
     assert [r["k"] for r in data["per_k"]] == [0, 2, 4]
     for r in data["per_k"]:
-        assert {"k", "n", "count_acc", "recall", "precision", "mean_count"} <= set(r)
+        assert {"k", "n", "count_acc", "recall", "precision", "placement_acc", "mean_count"} <= set(r)
+        assert 0 <= r["placement_acc"] <= 1
         assert r["n"] == 3 and 0 <= r["count_acc"] <= 1 and r["mean_count"] >= 0
         assert sum(r["error_hist"].values()) == 3
     for png in ("out_accuracy.png", "out_samples.png"):
