@@ -92,7 +92,8 @@ def locality_sweep(
             pipe = load_model(model).pipeline
         except (ValueError, FileNotFoundError) as err:
             raise _bad(err, "--model") from None
-        plan = ls.plan_interventions(ls.attn2_layers(pipe), num_steps=steps, radii=radius_list, references=refs)
+        plan = ls.plan_interventions(ls.attn2_layers(pipe), num_steps=steps, radii=radius_list, references=refs,
+                                     blocks=ls.trunk_blocks(pipe.unet))
         try:
             plan = ls.select(plan, only)
         except ValueError as err:

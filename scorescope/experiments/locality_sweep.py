@@ -19,6 +19,11 @@ The intervention list (:func:`plan_interventions`; every entry has a stable name
   output of a group; ``compose-from:<layer>:r<R>`` at that layer and every later one *in execution order*
   (``compose:all`` is the curve's first point: from the first layer on). This locates where locality must be
   enforced: if the trunk after a composed layer re-globalises, recall rises only once L is late enough;
+* ``compose-blocks-from:<block>:r<R>`` — composition at the *output of a whole block* (``mid_block``,
+  ``up_blocks.i``) and of every later block of the up path, not at the U-Net output itself: between the last
+  block and the output only ``conv_norm_out`` (GroupNorm: image-wide statistics), SiLU and ``conv_out`` remain.
+  Tests the diagnosis that after a composed *layer* the rest of the trunk re-globalises (skip connections from
+  the down path are not composed);
 * ``scores:r<R>`` — score-space composition (:class:`interventions.ComposeScores`; ``kind = baseline``).
 
 A group whose layer set equals an earlier entry of the same family (``mask:mid`` when the mid block has one
@@ -169,6 +174,12 @@ class Intervention:
         }
 
 
+def trunk_blocks(unet: torch.nn.Module) -> list[str]:
+    """``mid_block`` and ``up_blocks.0 …`` of a diffusers-style U-Net, in execution order (``[]`` if it has none)."""
+    names = ["mid_block"] if getattr(unet, "mid_block", None) is not None else []
+    return names + [f"up_blocks.{i}" for i in range(len(getattr(unet, "up_blocks", ())))]
+
+
 def high_noise_steps(num_steps: int) -> range:
     """The first half of ``num_steps`` DDIM steps (step 0 is the noisiest), rounded up: 25 → ``range(13)``."""
     return range((num_steps + 1) // 2)
@@ -194,6 +205,7 @@ def plan_interventions(
     radii: Sequence[float] = (0.15,),
     references: Sequence[str] = (),
     edits: Any = None,
+    blocks: Sequence[str] = (),
 ) -> list[Intervention]:
     """The sweep's intervention list (see the module docstring), in table order.
 
@@ -204,6 +216,8 @@ def plan_interventions(
         references: other models evaluated unpatched (``ref:<name>`` rows).
         edits: the module providing ``MaskCrossAttention``, ``Compose`` and ``ComposeScores`` (default: the
             :mod:`interventions` package).
+        blocks: the swept model's trunk blocks from the mid block on, in execution order (:func:`trunk_blocks`);
+            empty skips the ``compose-blocks-from`` family.
     """
     if edits is None:
         import interventions as edits
@@ -256,6 +270,12 @@ def plan_interventions(
             plan.append(Intervention(
                 f"compose-from:{layer.name}:{rt}", "layer", names(ls), "all", float(r),
                 (edits.Compose(sites=sites_of(ls), radius=float(r)),),
+            ))
+        for i, block in enumerate(blocks):
+            later = tuple(blocks[i:])
+            plan.append(Intervention(
+                f"compose-blocks-from:{block}:{rt}", "layer", ",".join(later), "all", float(r),
+                (edits.Compose(sites=later, radius=float(r)),),
             ))
         plan.append(Intervention(f"scores:{rt}", "baseline", "output", "all", float(r), (edits.ComposeScores(radius=float(r)),)))
     dup = [n for n in {i.name for i in plan} if sum(j.name == n for j in plan) > 1]
@@ -479,7 +499,8 @@ def run_locality_sweep(
         raise OptionError(f"the locality sweep needs a CLEVR model, got {model!r} ({loaded.family})", "--model")
     pipe = loaded.pipeline
     if plan is None:
-        plan = plan_interventions(attn2_layers(pipe), num_steps=steps, radii=radii, references=refs)
+        plan = plan_interventions(attn2_layers(pipe), num_steps=steps, radii=radii, references=refs,
+                                  blocks=trunk_blocks(pipe.unet))
     try:
         chosen = select(plan, only)
     except ValueError as err:
