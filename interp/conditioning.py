@@ -346,11 +346,15 @@ class ConditioningBatch:
         tokens: ``(B, L, D)`` token embeddings, zero-padded.
         mask: ``(B, L)`` bool, True where a token is attended.
         added: per-sample extra inputs stacked to ``(B, ...)``.
+        rows: the :class:`Conditioning` each row was built from (``()`` when unknown). Metadata only — the
+            U-Net sees ``tokens`` — announced by the Denoiser to edits that need token owners and locations, also
+            when the tokens are a traced or perturbed version of the row's own (forward-mode probes).
     """
 
     tokens: Tensor
     mask: Tensor
     added: dict[str, Tensor]
+    rows: tuple[Conditioning, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokens, Tensor) or self.tokens.dim() != 3:
@@ -364,6 +368,9 @@ class ConditioningBatch:
                 f"ConditioningBatch.mask must be (B, L) = {tuple(self.tokens.shape[:2])}, got {tuple(self.mask.shape)}"
             )
         _check_added("ConditioningBatch.added", self.added)
+        if self.rows and len(self.rows) != self.tokens.shape[0]:
+            raise ValueError(f"ConditioningBatch.rows must name one Conditioning per row ({self.tokens.shape[0]}), "
+                             f"got {len(self.rows)}")
         for key, value in self.added.items():
             if value.dim() == 0 or value.shape[0] != self.tokens.shape[0]:
                 raise ValueError(
@@ -400,7 +407,11 @@ class ConditioningBatch:
         if any(set(c.added) != keys for c in conds):
             raise ValueError("conditionings in one batch must carry the same extra inputs (added)")
         added = {k: torch.stack([c.added[k] for c in conds]) for k in sorted(keys)}
-        return ConditioningBatch(tokens=tokens, mask=mask, added=added)
+        return ConditioningBatch(tokens=tokens, mask=mask, added=added, rows=tuple(conds))
+
+    def with_tokens(self, tokens: Tensor) -> ConditioningBatch:
+        """The same batch (mask, extra inputs, row conditionings) with ``tokens`` ``(B, L, D)`` instead."""
+        return ConditioningBatch(tokens=tokens, mask=self.mask, added=self.added, rows=self.rows)
 
     def repeat(self, n: int) -> ConditioningBatch:
         """Tile every sample ``n`` times along the batch (``[c0, c1, c0, c1, ...]``)."""
@@ -408,6 +419,7 @@ class ConditioningBatch:
             tokens=self.tokens.repeat(n, 1, 1),
             mask=self.mask.repeat(n, 1),
             added={k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in self.added.items()},
+            rows=self.rows * n,
         )
 
     @staticmethod
@@ -426,4 +438,5 @@ class ConditioningBatch:
             tokens=torch.cat([pad(b.tokens, 0.0) for b in batches]),
             mask=torch.cat([pad(b.mask, False) for b in batches]),
             added={k: torch.cat([b.added[k] for b in batches]) for k in batches[0].added},
+            rows=sum((b.rows for b in batches), ()) if all(b.rows for b in batches) else (),
         )

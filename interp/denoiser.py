@@ -349,11 +349,11 @@ class Denoiser:
 
     @staticmethod
     def _rows(cond: CondLike, batch: int) -> tuple[Conditioning | None, ...]:
-        """The Conditioning of each of ``batch`` rows, announced to hooks (``None`` rows for a ConditioningBatch)."""
+        """The Conditioning of each of ``batch`` rows, announced to hooks (a ConditioningBatch's ``rows``, else ``None``)."""
         if isinstance(cond, Conditioning):
             return (cond,) * batch
         if isinstance(cond, ConditioningBatch):
-            return (None,) * batch
+            return cond.rows or (None,) * batch
         return tuple(cond)
 
     def _nulls(self, cond: CondLike, batch: int) -> CondLike:

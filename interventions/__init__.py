@@ -19,6 +19,7 @@ from interventions.applied import Applied, EditConflictError, apply
 from interventions.compose import soft_composition_masks
 from interventions.edits import OUTPUT, Compose, ComposeScores, Edit, MaskCrossAttention, Patch
 from interventions.effect import effect
+from interventions.nnsight_patch import patch_nnsight
 from interventions.record import Recording, record
 from interventions.sources import CallInfo, FromStore, Fn, Mean, Source, Zero, source_from_dict
 from interventions.sweep import patching_sweep, restored_fraction
@@ -41,6 +42,7 @@ __all__ = [
     "Zero",
     "apply",
     "effect",
+    "patch_nnsight",
     "patching_sweep",
     "record",
     "restored_fraction",

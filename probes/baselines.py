@@ -94,7 +94,8 @@ def integrated_gradients_map(
             def forward(tokens: Tensor) -> Tensor:
                 n = tokens.shape[0]
                 cb = ConditioningBatch(tokens=tokens, mask=one.mask.expand(n, -1),
-                                       added={k: v.expand(n, *v.shape[1:]) for k, v in one.added.items()})
+                                       added={k: v.expand(n, *v.shape[1:]) for k, v in one.added.items()},
+                                       rows=one.rows * n)
                 return evaluate(den, x.expand(n, *x.shape[1:]), ts, cb, branch="cond", quantity=quantity).flatten(1)
 
             ig = IntegratedGradients(forward)

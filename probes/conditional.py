@@ -52,7 +52,7 @@ def token_function(den: Denoiser, x: Tensor, timestep: Tensor, cond: Conditionin
     xs = x.expand(n, *x.shape[1:]).contiguous()
 
     def f(tokens: Tensor) -> Tensor:
-        cb = ConditioningBatch(tokens=tokens, mask=base.mask, added=base.added)
+        cb = base.with_tokens(tokens)  # keeps each row's Conditioning (owners, locations) for edits inside the net
         return evaluate(den, xs, timestep, cb, branch="cond", quantity=quantity)
 
     return f

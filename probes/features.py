@@ -69,7 +69,7 @@ def _token_activation_fn(den: Denoiser, site: str, x: Tensor, timestep: Tensor, 
     xs = x.expand(n, *x.shape[1:]).contiguous()
 
     def f(tokens: Tensor) -> Tensor:
-        return activation(den, site, ConditioningBatch(tokens=tokens, mask=one.mask, added=one.added), x_t=xs, timestep=timestep)
+        return activation(den, site, one.with_tokens(tokens), x_t=xs, timestep=timestep)
 
     return f
 

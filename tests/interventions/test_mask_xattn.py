@@ -103,8 +103,25 @@ def test_refusals(clevr):
             den.predict(x, 500, unlocated)
     from interp import ConditioningBatch
 
+    bare = ConditioningBatch.stack([cond])
+    bare = ConditioningBatch(tokens=bare.tokens, mask=bare.mask, added=bare.added)  # built by hand: rows unknown
     with pytest.raises(ValueError, match="no announced Conditioning"):
         with iv.apply(den, iv.MaskCrossAttention(radius=0.1)), torch.no_grad():
-            den.predict(x, 500, ConditioningBatch.stack([cond]))
+            den.predict(x, 500, bare)
     assert count_hooks(den.unet) == 0
     assert all(type(p).__name__ != "DistanceMaskedProcessor" for p in den.unet.attn_processors.values())
+
+
+def test_forward_mode_probes_run_under_the_mask_and_see_its_locality():
+    """The JVP map is measured with the mask active: conditioner tokens reach only pixels within the radius at the
+    masked layers, so the probe must see the mask's rows (each row's Conditioning travels with its traced tokens)."""
+    import probes
+    from interp.models import clevr_pipeline
+
+    pipe = clevr_pipeline("tiny", seed=0)
+    den, cond = pipe.denoiser(), pipe.conditioning([[0.2, 0.25], [0.75, 0.7]])
+    plain = probes.conditional_locality(den, cond, t=0.5, seeds=1, maps=("jvp",), directions=2)
+    with iv.apply(den, iv.MaskCrossAttention("*attn2", radius=1e-9)):  # only the null token visible: no dependence
+        masked = probes.conditional_locality(den, cond, t=0.5, seeds=1, maps=("jvp",), directions=2)
+    assert float(plain["jvp"].abs().max()) > 0
+    assert float(masked["jvp"].abs().max()) == 0.0
