@@ -9,6 +9,9 @@ Three ratios, each measured side by side in one process (interleaved repeats, me
    grow about linearly in k + 2 rows).
 3. **Evaluation throughput**: samples/s of the CLEVR length-generalisation evaluation (``evaluate_length``) under
    each edit vs plain, on a shipped checkpoint.
+4. **Locality measured with each edit active** (``--only probes``): the probes confirm what an edit did — the
+   in-region fraction of the conditional JVP and ablation maps and the CPC residual of the shipped model, without
+   and with each locality intervention (three well-separated objects, forward-process samples of rendered scenes).
 
 Absolute times are only meaningful from a GPU; on CPU read the ratios.
 """
@@ -16,6 +19,7 @@ Absolute times are only meaningful from a GPU; on CPU read the ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -123,6 +127,43 @@ def bench_eval(model: str, n: int, k: int, steps: int) -> dict:
     return {"model": model, "n": n, "k": k, "steps": steps, "results": out}
 
 
+def bench_probes_under_edits(model: str, levels: list[float], seeds: int, radius: float = 0.15) -> list[dict]:
+    """In-region fraction (JVP and ablation maps) and CPC residual with each edit active (probes run inside ``apply``)."""
+    import numpy as np
+
+    import probes
+    from interp.clevr.render import random_scene, render
+
+    loaded = load_model(model)
+    den, pipe = loaded.denoiser, loaded.pipeline
+    locs = [[0.25, 0.3], [0.72, 0.25], [0.5, 0.75]]
+    cond = pipe.conditioning(locs)
+    rng = np.random.default_rng(0)
+    scene = random_scene(rng, [len(locs)] * seeds, positions=[np.asarray(locs, np.float32)] * seeds)
+    x0 = torch.from_numpy(render(scene, size=den.config["sample_size"]).to_model_range()).float()
+    edits = {
+        "none": [],
+        "mask:up attn2": [iv.MaskCrossAttention("up_blocks.*attn2", radius=radius)],
+        "compose:all attn2": [iv.Compose("*attn2", radius)],
+        "compose-blocks-from:mid_block": [iv.Compose(("mid_block", *[f"up_blocks.{i}" for i in range(len(pipe.unet.up_blocks))]), radius)],
+        "scores": [iv.ComposeScores(radius)],
+    }
+    rows = []
+    for name, es in edits.items():
+        with contextlib.ExitStack() as stack:
+            if es:
+                stack.enter_context(iv.apply(den, *es))
+            cl = probes.conditional_locality(den, cond, t=levels, seeds=seeds, x0=x0, directions=4, radius=0.2).frame()
+            cp = probes.cpc_residual(den, cond, t=levels, seeds=seeds, x0=x0, radius=radius).frame()
+        for t in levels:
+            inr = cl[(cl.metric == "in_region") & (cl.t == t)].groupby("map_name").value.mean()
+            res = cp[(cp.metric == "cpc_residual") & (cp.t == t) & (cp.stat == "mean")].value
+            rows.append({"edit": name, "t": t, "in_region_jvp": float(inr.get("jvp")),
+                         "in_region_ablation": float(inr.get("ablation")), "cpc_residual": float(res.iloc[0])})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None)
@@ -146,6 +187,8 @@ def main() -> None:
         res["compose"] = bench_compose(args.model, args.repeats, [1, 2, 4, 8])
         for r in res["compose"]:
             print(r["k"], r["ratio_to_plain"], flush=True)
+    if "probes" in only:
+        res["probes_under_edits"] = bench_probes_under_edits(args.model, [0.9, 0.5], 2)
     if "eval" in only:
         res["eval"] = bench_eval(args.model, args.eval_n, 6, 25)
         print(res["eval"], flush=True)

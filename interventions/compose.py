@@ -38,6 +38,9 @@ class Expansion:
     null: dict[int, int] = field(default_factory=dict)
     singles: dict[int, list[int]] = field(default_factory=dict)
     locations: dict[int, Tensor] = field(default_factory=dict)
+    # auxiliary row -> (original row, token positions): a single-conditioner row's tokens are those positions of
+    # the original row's *own* tokens, so they stay traced (a JVP/VJP through the composition sees c_j).
+    gathers: dict[int, tuple[int, Tensor]] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -65,9 +68,12 @@ def plan_expansion(batch: int, conditionings: tuple[Any, ...], rows: list[int]) 
         exp.conditionings.append(c.null())
         exp.singles[r] = []
         for j in range(c.k):
-            exp.singles[r].append(batch + len(exp.parents))
+            row = batch + len(exp.parents)
+            exp.singles[r].append(row)
             exp.parents.append(r)
             exp.conditionings.append(c.only(j))
+            # only(j) keeps the context tokens and j's tokens in their order: these positions of row r
+            exp.gathers[row] = (r, torch.nonzero((c.owner == -1) | (c.owner == j)).flatten())
         exp.locations[r] = c.locations
     return exp
 
@@ -108,7 +114,21 @@ def expand_inputs(args: tuple, kwargs: dict, exp: Expansion) -> tuple[tuple, dic
     if set(aux.added) != set(added):
         raise ValueError(f"the conditionings carry added inputs {sorted(aux.added)} but the call passed {sorted(added)}")
     orig = ConditioningBatch(tokens=ehs, mask=mask, added=dict(added))
-    aux = ConditioningBatch(tokens=aux.tokens.to(device=ehs.device, dtype=ehs.dtype), mask=aux.mask.to(ehs.device),
+    aux_tokens = aux.tokens.to(device=ehs.device, dtype=ehs.dtype)
+    rows = []
+    for a in range(aux_tokens.shape[0]):
+        gather = exp.gathers.get(exp.batch + a)
+        if gather is None:  # the null row: it does not depend on the row's conditioners
+            rows.append(aux_tokens[a])
+            continue
+        r, positions = gather
+        own = ehs[r, positions.to(ehs.device)]
+        if own.shape != aux_tokens[a, : own.shape[0]].shape:
+            raise ValueError(f"Compose: row {r}'s tokens do not match its announced Conditioning "
+                             f"({tuple(own.shape)} vs {tuple(aux_tokens[a].shape)})")
+        pad = aux_tokens[a, own.shape[0]:]
+        rows.append(torch.cat([own, pad]))  # functional (no in-place write), so torch.func transforms see through it
+    aux = ConditioningBatch(tokens=torch.stack(rows), mask=aux.mask.to(ehs.device),
                             added={k: v.to(device=added[k].device, dtype=added[k].dtype) for k, v in aux.added.items()})
     both = ConditioningBatch.concat([orig, aux])
     kw["encoder_attention_mask"] = both.mask

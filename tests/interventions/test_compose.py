@@ -94,3 +94,29 @@ def test_effect_frame(clevr):
     assert (none.value == 0).all()
     with pytest.raises(ValueError, match="fired on none"):
         iv.effect(den, iv.MaskCrossAttention(radius=0.1, steps=[0]), cond, t=0.5, seeds=1)
+
+
+def test_single_conditioner_rows_are_the_rows_own_tokens_so_derivatives_see_them():
+    """Under Compose the composed output depends on c_j through its single-conditioner row: a JVP along c_j is
+    nonzero and equals the finite difference of the composed function (not 0, as with constant auxiliary tokens)."""
+    from interp.models.analytic import toy_conditioning, toy_denoiser
+
+    den = toy_denoiser("global", size=12, dtype=torch.float64)
+    cond = toy_conditioning([[0.25, 0.25], [0.75, 0.7]], dtype=torch.float64)
+    assert torch.equal(cond.only(1).tokens, cond.tokens[(cond.owner == -1) | (cond.owner == 1)])
+    x = torch.randn(1, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    v = torch.zeros_like(cond.tokens)
+    v[cond.token_indices(1), 2:] = 1.0  # move conditioner 1's features
+
+    def f(tokens):
+        from interp import ConditioningBatch
+
+        cb = ConditioningBatch.stack([cond]).with_tokens(tokens[None])
+        return den.predict(x, 500, cb)
+
+    with iv.apply(den, iv.ComposeScores(0.2)):
+        _, jv = torch.func.jvp(f, (cond.tokens,), (v,))
+        eps = 1e-6
+        fd = (f(cond.tokens + eps * v) - f(cond.tokens - eps * v)) / (2 * eps)
+    assert float(jv.abs().max()) > 1e-6
+    torch.testing.assert_close(jv, fd, rtol=1e-5, atol=1e-8)
