@@ -189,11 +189,10 @@ def test_cli_runs_real_edits_end_to_end(tmp_path):
     assert res.exit_code == 2 and "'--only'" in res.output and "mask:up" in res.output
 
 
-def test_compose_blocks_from_family_composes_every_later_trunk_block(tiny_layers):
+def test_compose_block_family_composes_one_whole_block_each(tiny_layers):
     plan = ls.plan_interventions(tiny_layers, num_steps=25, radii=[0.15], blocks=["mid_block", "up_blocks.0", "up_blocks.1"])
-    fam = {i.name: i for i in plan if i.name.startswith("compose-blocks-from:")}
-    assert list(fam) == ["compose-blocks-from:mid_block:r0.15", "compose-blocks-from:up_blocks.0:r0.15",
-                         "compose-blocks-from:up_blocks.1:r0.15"]
-    assert fam["compose-blocks-from:up_blocks.0:r0.15"].edits[0].sites == ("up_blocks.0", "up_blocks.1")
+    fam = {i.name: i for i in plan if i.name.startswith("compose-block:")}
+    assert list(fam) == ["compose-block:mid_block:r0.15", "compose-block:up_blocks.0:r0.15", "compose-block:up_blocks.1:r0.15"]
+    assert fam["compose-block:up_blocks.0:r0.15"].edits[0].sites == ("up_blocks.0",)
     assert all(i.kind == "layer" for i in fam.values())
-    assert not [i for i in ls.plan_interventions(tiny_layers, num_steps=25) if i.name.startswith("compose-blocks")]
+    assert not [i for i in ls.plan_interventions(tiny_layers, num_steps=25) if i.name.startswith("compose-block")]

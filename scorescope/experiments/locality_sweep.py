@@ -19,11 +19,12 @@ The intervention list (:func:`plan_interventions`; every entry has a stable name
   output of a group; ``compose-from:<layer>:r<R>`` at that layer and every later one *in execution order*
   (``compose:all`` is the curve's first point: from the first layer on). This locates where locality must be
   enforced: if the trunk after a composed layer re-globalises, recall rises only once L is late enough;
-* ``compose-blocks-from:<block>:r<R>`` — composition at the *output of a whole block* (``mid_block``,
-  ``up_blocks.i``) and of every later block of the up path, not at the U-Net output itself: between the last
-  block and the output only ``conv_norm_out`` (GroupNorm: image-wide statistics), SiLU and ``conv_out`` remain.
-  Tests the diagnosis that after a composed *layer* the rest of the trunk re-globalises (skip connections from
-  the down path are not composed);
+* ``compose-block:<block>:r<R>`` — composition of the *whole hidden state* at one trunk block's output
+  (``mid_block``, ``up_blocks.i``), not of a cross-attention increment. Composing a block's full output
+  overwrites the composed row, so composing several blocks equals composing the last of them; each block is
+  therefore its own entry. After the last up block only ``conv_norm_out`` (GroupNorm: image-wide statistics),
+  SiLU and ``conv_out`` remain. Tests the diagnosis that after a composed *layer* the rest of the trunk (its
+  residual stream, self-attention, GroupNorm'd resnets, the down path's skip connections) re-globalises;
 * ``scores:r<R>`` — score-space composition (:class:`interventions.ComposeScores`; ``kind = baseline``).
 
 A group whose layer set equals an earlier entry of the same family (``mask:mid`` when the mid block has one
@@ -217,7 +218,7 @@ def plan_interventions(
         edits: the module providing ``MaskCrossAttention``, ``Compose`` and ``ComposeScores`` (default: the
             :mod:`interventions` package).
         blocks: the swept model's trunk blocks from the mid block on, in execution order (:func:`trunk_blocks`);
-            empty skips the ``compose-blocks-from`` family.
+            empty skips the ``compose-block`` family.
     """
     if edits is None:
         import interventions as edits
@@ -271,11 +272,10 @@ def plan_interventions(
                 f"compose-from:{layer.name}:{rt}", "layer", names(ls), "all", float(r),
                 (edits.Compose(sites=sites_of(ls), radius=float(r)),),
             ))
-        for i, block in enumerate(blocks):
-            later = tuple(blocks[i:])
+        for block in blocks:
             plan.append(Intervention(
-                f"compose-blocks-from:{block}:{rt}", "layer", ",".join(later), "all", float(r),
-                (edits.Compose(sites=later, radius=float(r)),),
+                f"compose-block:{block}:{rt}", "layer", block, "all", float(r),
+                (edits.Compose(sites=(block,), radius=float(r)),),
             ))
         plan.append(Intervention(f"scores:{rt}", "baseline", "output", "all", float(r), (edits.ComposeScores(radius=float(r)),)))
     dup = [n for n in {i.name for i in plan} if sum(j.name == n for j in plan) > 1]
