@@ -85,6 +85,24 @@ def check_writable_file(path: str | Path, *, what: str = "output file") -> Path:
     return path
 
 
+def check_settings(path: str | Path, settings: dict[str, Any], fixed: tuple[str, ...], *, may_change: str) -> None:
+    """Record a resumable run's ``settings`` at ``path`` (JSON), refusing a stored run whose ``fixed`` keys differ.
+
+    The error names each differing key as ``(stored, requested)`` and what may change between runs (``may_change``).
+    Shared by every resumable sweep, so "same folder, other settings" is refused the same way everywhere.
+    """
+    path = Path(path)
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), settings.get(k)) for k in fixed if old.get(k) != settings.get(k)}
+        if diff:
+            raise ValueError(
+                f"{path.parent} holds a sweep with different settings: it was run with other settings {diff} "
+                f"(stored, requested); use another --out folder ({may_change} may change between runs, the rest may not)"
+            )
+    atomic_write_json(path, settings)
+
+
 def read_marker(folder: str | Path) -> dict[str, Any] | None:
     """The scorescope marker of ``folder`` (``None`` when absent or unreadable)."""
     marker = Path(folder) / MARKER
@@ -134,6 +152,7 @@ __all__ = [
     "MARKER",
     "atomic_write",
     "atomic_write_json",
+    "check_settings",
     "check_writable_file",
     "prepare_output_dir",
     "read_marker",

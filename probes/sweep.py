@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from interp import Conditioning, Denoiser
-from interp.io import atomic_write, atomic_write_json, prepare_output_dir
+from interp.io import atomic_write, check_settings, prepare_output_dir
 from interp.site import resolve_paths
 from interp.inputs import as_levels, as_seeds
 from interp.results import CORE_COLUMNS, ProbeResult
@@ -222,17 +222,8 @@ def read_sweep(out: str | Path) -> pd.DataFrame:
 
 
 def _check_config(path: Path, cfg: SweepConfig) -> None:
-    new = asdict(cfg)
-    if path.exists():
-        old = json.loads(path.read_text())
-        fixed = ("model", "config_hash", "metrics", "radius", "directions", "pixel_stride", "conditioning")
-        diff = {k: (old.get(k), new[k]) for k in fixed if old.get(k) != new[k]}
-        if diff:
-            raise ValueError(
-                f"{path.parent} holds a sweep with different settings {diff}; use another --out folder "
-                "(sites, noise levels and seeds may change between runs, the rest may not)"
-            )
-    atomic_write_json(path, new)
+    check_settings(path, asdict(cfg), ("model", "config_hash", "metrics", "radius", "directions", "pixel_stride",
+                                       "conditioning"), may_change="sites, noise levels and seeds")
 
 
 def _resolve(model: Denoiser | str, cond: Conditioning | None, locations: Any, prompt: Any, *, device: str = "cpu") -> tuple[Denoiser, str, Conditioning]:

@@ -68,7 +68,7 @@ from typing import Any, ContextManager
 import numpy as np
 import torch
 
-from interp.io import atomic_write, atomic_write_json, check_writable_file, prepare_output_dir
+from interp.io import atomic_write, atomic_write_json, check_settings, check_writable_file, prepare_output_dir
 
 KIND = "intervene-locality-sweep"
 """Marker kind of the output folder."""
@@ -394,15 +394,7 @@ def check_radii(radii: Iterable[float]) -> list[float]:
 
 
 def _check_settings(path: Path, settings: dict[str, Any]) -> None:
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), settings[k]) for k in FIXED if old.get(k) != settings[k]}
-        if diff:
-            raise ValueError(
-                f"{path.parent} holds a sweep with other settings {diff} (stored, requested); use another --out "
-                "folder (counts, radii, references and --only may change between runs, the rest may not)"
-            )
-    atomic_write_json(path, settings)
+    check_settings(path, settings, FIXED, may_change="counts, radii, references and --only")
 
 
 def machine() -> dict[str, Any]:
