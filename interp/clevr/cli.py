@@ -47,6 +47,7 @@ def train(
     checkpoint_every: int = typer.Option(None, help="Override the steps between checkpoints (>= 1)."),
     threads: int = typer.Option(None, help="torch.set_num_threads (>= 1; resume with the same value for bit-identical results)."),
     fresh: bool = typer.Option(False, help="Ignore an existing checkpoint of this run in OUT and start it over."),
+    snapshot_every: int = typer.Option(None, help="Also keep the EMA pipeline every N steps in OUT/snapshots/ (for `clevr track`)."),
     overwrite: bool = typer.Option(
         False, help="Write into a non-empty OUT that is not a clevr run (its own files are never deleted or replaced)."
     ),
@@ -57,6 +58,7 @@ def train(
 
     _at_least(seed, 0, "--seed", "seed")
     _at_least(threads, 1, "--threads", "threads")
+    _at_least(snapshot_every, 1, "--snapshot-every", "snapshot interval")
     try:
         rec = get_recipe(recipe, profile, steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, checkpoint_every=checkpoint_every)
     except RecipeError as err:
@@ -66,7 +68,7 @@ def train(
         claim_run_folder(out, rec, seed, resume=not fresh, overwrite=overwrite)
     except (FileExistsError, FileNotFoundError, ValueError) as err:
         raise _bad(err, "--out") from None
-    res = run(rec, out, seed=seed, threads=threads, resume=not fresh, overwrite=overwrite)
+    res = run(rec, out, seed=seed, threads=threads, resume=not fresh, overwrite=overwrite, snapshot_every=snapshot_every)
     typer.echo(f"trained {rec.name} to step {res.step} in {res.wall_s:.0f} s; pipeline: {res.pipeline_dir}")
 
 

@@ -335,6 +335,28 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, ema: dict[str, Tenso
     return final
 
 
+#: Sub-folder of a run that holds the EMA snapshots written with ``snapshot_every`` (never pruned).
+SNAPSHOT_DIR = "snapshots"
+_SNAPSHOT_NAME = re.compile(r"step-(\d{7})")
+
+
+def snapshot_folders(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``[(step, folder), ...]`` of the EMA pipeline snapshots of a run, by step (empty when there are none).
+
+    A snapshot is the exported EMA pipeline at that step (``OUT/snapshots/step-0000500/``), loadable with
+    :func:`interp.load_model` like any pipeline folder; half-written ones never appear (atomic rename).
+    """
+    root = Path(run_dir) / SNAPSHOT_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _SNAPSHOT_NAME.fullmatch(p.name)
+        if m and _is_exported_pipeline(p):
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The folder ``out/latest.json`` points at, or ``None`` when there is no ``latest.json``.
 
@@ -376,7 +398,7 @@ def _is_exported_pipeline(folder: Path) -> bool:
 
 def _our_entries(out: Path) -> list[str]:
     """Entries of ``out`` that this command writes (and would replace or append to)."""
-    names = {"loss.csv", "latest.json", "pipeline"}
+    names = {"loss.csv", "latest.json", "pipeline", SNAPSHOT_DIR}
     return sorted(p.name for p in out.iterdir() if p.name in names or _CKPT_NAME.fullmatch(p.name))
 
 
@@ -494,6 +516,7 @@ def train(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
     overwrite: bool = False,
+    snapshot_every: int | None = None,
 ) -> TrainResult:
     """Train (or resume) ``recipe`` into ``out``.
 
@@ -511,6 +534,10 @@ def train(
         on_step: ``callback(step, loss)`` after each step.
         overwrite: write into a non-empty folder that is not one of our runs (never replacing a file we did
             not create: see :func:`claim_run_folder`).
+        snapshot_every: also export the EMA pipeline every this many steps to ``out/snapshots/step-NNNNNNN/``
+            (kept, never pruned; see :func:`snapshot_folders`), for studies of a model through training
+            (``scorescope clevr track``). Not part of the recipe: it changes no trained number, and a resumed
+            run may add or drop it.
     """
     from accelerate import Accelerator
     from safetensors.torch import load_file
@@ -520,7 +547,12 @@ def train(
         raise ValueError(f"threads (--threads) must be an integer >= 1, got {threads!r}")
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be >= 1, got {stop_after!r}")
+    if snapshot_every is not None and (not isinstance(snapshot_every, int) or isinstance(snapshot_every, bool) or snapshot_every < 1):
+        raise ValueError(f"snapshot_every (--snapshot-every) must be an integer >= 1, got {snapshot_every!r}")
     out = Path(out)
+    snap_root = out / SNAPSHOT_DIR
+    if os.path.lexists(snap_root) and (snap_root.is_symlink() or not snap_root.is_dir()):
+        raise FileExistsError(f"{snap_root} exists and is not a snapshot folder written by `clevr train`; move it away")
     # Every check happens here, before the model is built: a wrong folder fails in milliseconds.
     ckpt = claim_run_folder(out, recipe, seed, resume=resume, overwrite=overwrite)
     if threads:
@@ -597,6 +629,10 @@ def train(
             if accel.is_main_process and (done % recipe.checkpoint_every == 0 or done == end):
                 logf.flush()
                 save_checkpoint(out, done, inner, ema, raw_opt, recipe, seed, wall_before + time.time() - t0)
+            if accel.is_main_process and snapshot_every and done % snapshot_every == 0:
+                snap_root.mkdir(exist_ok=True)
+                # A resumed run rewrites a snapshot past its checkpoint with the same numbers (bit-identical resume).
+                export_ema_pipeline(recipe, seed, ema, snap_root / f"step-{done:07d}")
         step = max(start, end)
     finally:
         logf.close()
