@@ -204,8 +204,12 @@ def concept_cosines(
         null: the null conditioning (default: the first concept's ``.null()``).
 
     Returns:
-        :class:`ProbeResult` with maps ``"cosine" (n, n)``, ``"norms" (n,)`` and one row per ordered pair
-        (``metric="cosine"``, ``concept_a``, ``concept_b``).
+        :class:`ProbeResult` with maps ``"cosine" (n, n)`` (symmetric, unit diagonal), ``"norms" (n,)`` and one
+        row per ordered pair (``metric="cosine"``, ``concept_a``, ``concept_b``).
+
+    Raises:
+        ValueError: fewer than two concepts, or a concept whose difference vector is zero (no direction, so
+            no cosine; named in the message) instead of a NaN cosine.
     """
     if len(concepts) < 2:
         raise ValueError("concept_cosines needs at least two concepts")
@@ -218,7 +222,20 @@ def concept_cosines(
         mu_b = activation(den, path, null.to(den.device), x_t=x_t, timestep=ts).double().mean(0).flatten()
         d = torch.stack([activation(den, path, concepts[n].to(den.device), x_t=x_t, timestep=ts).double().mean(0).flatten() - mu_b for n in names])
     norms = d.norm(dim=1)
-    cos = (d @ d.T) / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
+    # A concept whose mean activation equals the null's has no direction: its cosine would be 0/0. The
+    # tolerance is relative to the activations' own scale (float32 activations averaged in float64).
+    scale = torch.maximum(mu_b.norm(), norms.max()).item()
+    flat = [n for n, v in zip(names, norms.tolist()) if v <= 1e-10 * scale or v == 0.0]
+    if flat:
+        raise ValueError(
+            f"concept(s) {flat} have a zero difference vector d_i = mu_i - mu_null at site {path!r} (t={t}): their "
+            "activation does not change from the null condition, so the cosine is undefined; drop them, or "
+            "choose another site or noise level"
+        )
+    cos = (d @ d.T) / (norms[:, None] * norms[None, :])
+    # Symmetric with a unit diagonal by construction (a BLAS Gram matrix need not be bit-symmetric).
+    cos = ((cos + cos.T) / 2).clamp(-1.0, 1.0)
+    cos.fill_diagonal_(1.0)
     result = ProbeResult("concept_cosines", metadata={**den.metadata(), "site": path, "t": t, "timestep": int(ts),
                                                       "seeds": seed_list, "n_samples": len(seed_list)})
     for a, na in enumerate(names):

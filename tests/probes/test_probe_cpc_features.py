@@ -80,3 +80,27 @@ def test_linear_probe_map_finds_where_the_attribute_is_encoded(linear_den):
     assert float(acc[4, 2]) >= 0.9  # inside the left bump: the attribute is read off exactly
     assert float(acc[0, 0]) <= 0.6  # a corner no conditioner reaches: chance
     assert 0 < float(res.frame().query("metric == 'nonzero_fraction'").value.item()) <= 1
+
+
+def test_concept_cosines_symmetric_unit_diagonal_and_seeded(clevr):
+    pipe, den, _ = clevr
+    site = "mid_block.attentions.0.transformer_blocks.0.attn2"
+    concepts = {f"c{i}": pipe.conditioning([[0.2 + 0.15 * i, 0.3 + 0.1 * i]]) for i in range(4)}
+    res = concept_cosines(den, site, concepts, 0.5, [3, 4])
+    cos = res["cosine"]
+    assert torch.equal(cos, cos.T)
+    assert torch.equal(torch.diagonal(cos), torch.ones(4))
+    assert bool((cos.abs() <= 1).all())
+    again = concept_cosines(den, site, concepts, 0.5, [3, 4])["cosine"]
+    assert torch.equal(cos, again)  # the seeds given fix the numbers
+    other = concept_cosines(den, site, concepts, 0.5, [5, 6])["cosine"]
+    assert not torch.equal(cos, other)  # and they are really used
+
+
+def test_concept_cosines_refuses_a_zero_difference_vector(clevr):
+    pipe, den, _ = clevr
+    site = "mid_block.attentions.0.transformer_blocks.0.attn2"
+    one = pipe.conditioning([[0.3, 0.3]])
+    concepts = {"real": one, "nothing": one.null()}
+    with pytest.raises(ValueError, match=r"\['nothing'\] have a zero difference vector"):
+        concept_cosines(den, site, concepts, 0.5, 2)
