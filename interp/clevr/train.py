@@ -550,11 +550,11 @@ def train(
     if snapshot_every is not None and (not isinstance(snapshot_every, int) or isinstance(snapshot_every, bool) or snapshot_every < 1):
         raise ValueError(f"snapshot_every (--snapshot-every) must be an integer >= 1, got {snapshot_every!r}")
     out = Path(out)
+    # Every check happens here, before the model is built: a wrong folder fails in milliseconds.
+    ckpt = claim_run_folder(out, recipe, seed, resume=resume, overwrite=overwrite)
     snap_root = out / SNAPSHOT_DIR
     if os.path.lexists(snap_root) and (snap_root.is_symlink() or not snap_root.is_dir()):
         raise FileExistsError(f"{snap_root} exists and is not a snapshot folder written by `clevr train`; move it away")
-    # Every check happens here, before the model is built: a wrong folder fails in milliseconds.
-    ckpt = claim_run_folder(out, recipe, seed, resume=resume, overwrite=overwrite)
     if threads:
         torch.set_num_threads(threads)
     accel = Accelerator(cpu=not torch.cuda.is_available())
