@@ -11,6 +11,8 @@ after the site) instead of the output:
   fraction, leakage, effective number of conditioners, over the channel norm), **sparsity** of each
   conditioner's dependence over (channel, position) entries (Hoyer; fraction of entries / channels
   holding 95 % of the mass), and the feature-space CPC residual.
+* :func:`layer_dependence` — the per-channel JVP norms at *several* sites from one forward-mode pass per
+  chunk of directions (what a layer × noise-level profile needs).
 * :func:`concept_cosines` — the ``d_i = μ_i − μ_∅`` cosine matrix of a set of concepts (mean activation
   under concept ``i`` alone minus under the null condition): blocks of near-zero cosines across concept
   families are the necessary condition for feature-space composition.
@@ -55,23 +57,74 @@ def activation(den: Denoiser, site: str, cond: Any, *, x_t: Tensor, timestep: Te
     """``h_L`` at ``site`` as a spatial map ``(B, C_L, h, w)`` (differentiable) for inputs ``x_t (B, C, H, W)``."""
     from interp.capture import read_activation
 
-    act = read_activation(den, site, cond, x_t=x_t, timestep=timestep)
+    return _spatial(read_activation(den, site, cond, x_t=x_t, timestep=timestep), site, tuple(x_t.shape[-2:]))
+
+
+def _token_activations_fn(den: Denoiser, paths: Sequence[str], x: Tensor, timestep: Tensor, cond: Conditioning, n: int):
+    """``f(tokens (n, L, D)) -> tuple of (n, C_L, h, w)``: every site's activation at one input ``x (1, C, H, W)``."""
+    from interp.capture import read_activations
+
+    one = ConditioningBatch.stack([cond]).repeat(n)
+    xs = x.expand(n, *x.shape[1:]).contiguous()
+    hw = tuple(x.shape[-2:])
+
+    def f(tokens: Tensor) -> tuple[Tensor, ...]:
+        acts = read_activations(den, list(paths), one.with_tokens(tokens), x_t=xs, timestep=timestep)
+        return tuple(_spatial(acts[p], p, hw) for p in paths)
+
+    return f
+
+
+def _spatial(act: Tensor, site: str, hw: tuple[int, ...]) -> Tensor:
     if act.dim() == 4:
         return act
     try:
-        return spatial_view(act, tuple(x_t.shape[-2:]))
+        return spatial_view(act, hw)  # type: ignore[arg-type]
     except ValueError as err:
         raise ValueError(f"the activation at {site!r} has shape {tuple(act.shape)}, not a spatial map: {err}") from None
 
 
-def _token_activation_fn(den: Denoiser, site: str, x: Tensor, timestep: Tensor, cond: Conditioning, n: int):
-    one = ConditioningBatch.stack([cond]).repeat(n)
-    xs = x.expand(n, *x.shape[1:]).contiguous()
+def layer_dependence(
+    den: Denoiser,
+    sites: Sequence[str],
+    cond: Conditioning,
+    conditioner: int,
+    *,
+    x_t: Tensor,
+    timestep: Tensor,
+    directions: int | str = 8,
+    chunk_size: int = 8,
+) -> dict[str, Tensor]:
+    """``‖∂h_L/∂c_j‖`` per channel and position at several sites at once, for one input.
 
-    def f(tokens: Tensor) -> Tensor:
-        return activation(den, site, one.with_tokens(tokens), x_t=xs, timestep=timestep)
+    One forward-mode pass per chunk of directions gives the tangent at *every* site (the forward stops after
+    the last site runs), so profiling many layers costs about one network pass per chunk, not one per layer.
 
-    return f
+    Args:
+        den: the denoiser. sites: exact module paths (:func:`exact_site`).
+        cond: the conditioning; ``conditioner``: the index ``j`` differentiated.
+        x_t: one input ``(1, C, H, W)``; timestep: its training timestep (0-d).
+        directions: ``"all"`` coordinate directions of ``c_j``'s tokens (exact Frobenius norm) or ``n`` random
+            Gaussian ones (unbiased for the square; seeded with ``j``: :func:`probes.conditional.direction_set`).
+        chunk_size: directions per forward pass.
+
+    Returns:
+        ``{path: (C_L, h, w)}`` in the accumulation dtype of ``x_t`` (float64 for float64 inputs).
+    """
+    if x_t.dim() != 4 or x_t.shape[0] != 1:
+        raise ValueError(f"x_t must be one input (1, C, H, W), got {tuple(x_t.shape)}")
+    paths = list(sites)
+    acc = accumulation_dtype(x_t)
+    v, factor = direction_set(cond, conditioner, directions, seed=conditioner)
+    sq: list[Tensor | float] = [0.0] * len(paths)
+    with forward_mode_ready(den.unet):
+        for start in range(0, v.shape[0], chunk_size):
+            vc = v[start : start + chunk_size]
+            f = _token_activations_fn(den, paths, x_t, timestep, cond, vc.shape[0])
+            primal = cond.tokens.unsqueeze(0).expand(vc.shape[0], -1, -1).clone()
+            _, tans = torch.func.jvp(f, (primal,), (vc,))
+            sq = [s + tan.detach().to(acc).pow(2).sum(0) for s, tan in zip(sq, tans)]
+    return {p: (s * factor).sqrt() for p, s in zip(paths, sq)}  # type: ignore[union-attr]
 
 
 def feature_dependence(
@@ -134,20 +187,10 @@ def feature_dependence(
         acc = accumulation_dtype(x_t)
         per: dict[str, list[Tensor]] = {m: [] for m in maps}
         if "jvp" in maps:
-            with forward_mode_ready(den.unet):
-                for j in range(cond.k):
-                    v, factor = direction_set(cond, j, directions, seed=j)
-                    sq = 0.0
-                    for s in range(x_t.shape[0]):
-                        acc_sq = 0.0
-                        for start in range(0, v.shape[0], chunk_size):
-                            vc = v[start : start + chunk_size]
-                            f = _token_activation_fn(den, path, x_t[s : s + 1], ts, cond, vc.shape[0])
-                            primal = cond.tokens.unsqueeze(0).expand(vc.shape[0], -1, -1).clone()
-                            _, tan = torch.func.jvp(f, (primal,), (vc,))
-                            acc_sq = acc_sq + tan.detach().to(acc).pow(2).sum(0)
-                        sq = sq + (acc_sq * factor).sqrt()
-                    per["jvp"].append(sq / x_t.shape[0])  # (C_L, h, w)
+            for j in range(cond.k):
+                norms = [layer_dependence(den, [path], cond, j, x_t=x_t[s : s + 1], timestep=ts, directions=directions,
+                                          chunk_size=chunk_size)[path] for s in range(x_t.shape[0])]
+                per["jvp"].append(torch.stack(norms).mean(0))  # (C_L, h, w): the mean over samples of the norm
         if "ablation" in maps or (cpc and cond.locations is not None):
             with torch.no_grad():
                 full = activation(den, path, cond, x_t=x_t, timestep=ts).to(acc)

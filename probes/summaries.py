@@ -179,3 +179,43 @@ def support_fraction(v: Tensor, q: float = 0.95) -> Tensor:
     s = v.sort(descending=True).values
     idx = int(_first_reaching(s.view(1, -1), q)[0])
     return torch.tensor((idx + 1) / v.numel(), dtype=torch.float64)
+
+
+def channel_masses(g: Tensor) -> Tensor:
+    """Dependence mass of each channel: ``(..., C, h, w)`` non-negative maps → ``(..., C)`` sums over positions (float64)."""
+    if g.dim() < 3:
+        raise ValueError(f"per-channel maps must be (..., C, h, w), got shape {tuple(g.shape)}")
+    return _check_map(g).flatten(-2).sum(-1)
+
+
+def channel_sparsity(g: Tensor, q: float = 0.9) -> dict[str, Tensor]:
+    """How few channels carry one conditioner's dependence at a layer *(ours)*.
+
+    With ``m_c = Σ_{positions} g[c]`` the mass of channel ``c`` (:func:`channel_masses`):
+
+    * ``channel_support`` — the smallest fraction of channels holding fraction ``q`` of ``Σ m``
+      (:func:`support_fraction`); ``n/C`` when ``n`` channels share the mass equally and ``ceil(q·n) = n``;
+    * ``channel_pr`` — the participation ratio ``(Σ m)² / Σ m²`` over channels (:func:`participation_ratio`):
+      ``n`` for ``n`` equal channels, 1 for one;
+    * ``channel_hoyer`` — Hoyer's sparsity of ``m`` (:func:`hoyer_sparsity`): ``(√C − √n) / (√C − 1)`` for ``n``
+      equal channels out of ``C``.
+
+    Args:
+        g: ``(k, C, h, w)`` non-negative per-channel maps, one per conditioner (``(C, h, w)`` for one).
+        q: mass fraction in ``(0, 1]``.
+
+    Returns:
+        each name → ``(k,)`` float64 (``()`` for a single ``(C, h, w)`` map); all 0 for an all-zero map.
+    """
+    if not 0 < q <= 1:
+        raise ValueError(f"q must lie in (0, 1], got {q}")
+    single = g.dim() == 3
+    m = channel_masses(g.unsqueeze(0) if single else g)  # (k, C)
+    if m.dim() != 2:
+        raise ValueError(f"channel_sparsity takes (k, C, h, w) or (C, h, w) maps, got shape {tuple(g.shape)}")
+    out = {
+        "channel_support": torch.stack([support_fraction(row, q) for row in m]),
+        "channel_pr": participation_ratio(m.unsqueeze(-2)),  # (k, 1, C): the ratio over the channel axis
+        "channel_hoyer": torch.stack([hoyer_sparsity(row) for row in m]),
+    }
+    return {n: v[0] for n, v in out.items()} if single else out

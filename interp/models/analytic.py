@@ -14,6 +14,11 @@ like any U-Net. Each conditioner token carries its own location in its first two
 * ``kind="linear"`` — linear in ``x`` and in the conditioner *features* (the bump uses the token's location,
   which gets no gradient): integrated gradients equal the JVP attribution exactly when the baseline keeps
   the locations (:func:`feature_baseline`).
+
+:class:`ChannelLocalUNet` has a *feature-space* structure known by construction: its layer ``features``
+(a hookable site at ``1/stride`` of the image resolution) has channels that each depend on exactly one
+conditioner, only inside a disc around it, with the same dependence magnitude in every channel of a group
+(ground truth for :func:`probes.features.layer_dependence` and the feature profile).
 """
 
 from __future__ import annotations
@@ -128,6 +133,103 @@ class ToyUNet(nn.Module):
             inj = torch.einsum("blhw,blchw->bchw", bumps, torch.tanh(f[..., None, None] + local[:, None]))
         out = self.out(h) + self.inject(inj)
         return (out,) if not return_dict else SimpleNamespace(sample=out)
+
+
+class ChannelLocalUNet(nn.Module):
+    """A denoiser whose layer ``features`` has a known conditioner → channel → region structure.
+
+    ``h = features(tanh(conv(avgpool(x_t))) + B(c))`` on an ``(size/stride)²`` grid, with channel ``c`` of
+    group ``g`` (``c ∈ groups[g]``) receiving ``B_c(p) = b_g(p) · (w_c · f_g)``: ``f_g`` the features of
+    conditioner token ``1 + g`` (token 0 is the context token), ``w_c`` a fixed *unit* vector and
+    ``b_g(p) = (1 − d²/ρ²)₊²`` the bump of radius ``ρ = cond_radius`` (normalised units) around the token's
+    location, evaluated at the layer's cell centres. Locations get no gradient. Hence, exactly:
+
+    * ``‖∂h_{c,p}/∂c_g‖ = b_g(p)`` for ``c ∈ groups[g]`` and 0 for every other channel: the dependence lies
+      inside the disc of radius ``ρ`` around the conditioner, at the layer's resolution;
+    * the channels of a group carry equal mass, so over channels the participation ratio is ``|groups[g]|``,
+      Hoyer's sparsity ``(√C − √n)/(√C − 1)`` with ``n = |groups[g]|`` and ``C = features`` channels, and
+      the fraction of channels holding a share ``q`` of the mass is ``ceil(q·n)/C``;
+    * conditioners with disjoint discs give one effective conditioner per position (``n_eff = 1``); two at the
+      same location with groups of equal size give ``n_eff = 2``.
+
+    The output is a 1×1 convolution of ``h``, upsampled back to the image (nearest).
+
+    Args:
+        channels: image channels. size: image side. features: channels ``C`` of the ``features`` layer.
+        stride: the layer's down-sampling factor (``size`` must be divisible by it).
+        groups: channel indices of each conditioner (disjoint); channels in no group depend on no conditioner.
+        cond_dim: token width ``D`` (2 location coordinates + ``D − 2`` features). cond_radius: ``ρ``.
+        seed: weight initialisation seed.
+    """
+
+    def __init__(
+        self,
+        *,
+        channels: int = 3,
+        size: int = 16,
+        features: int = 8,
+        stride: int = 2,
+        groups: Sequence[Sequence[int]] = ((0, 1, 2, 3), (4, 5)),
+        cond_dim: int = 8,
+        cond_radius: float = 0.25,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if size % stride:
+            raise ValueError(f"size {size} must be divisible by stride {stride}")
+        flat = [c for g in groups for c in g]
+        if len(set(flat)) != len(flat) or any(not 0 <= c < features for c in flat):
+            raise ValueError(f"groups must be disjoint channel indices in [0, {features}), got {groups}")
+        g = torch.Generator().manual_seed(seed)
+        self.stride, self.cond_radius, self.groups = stride, cond_radius, tuple(tuple(gr) for gr in groups)
+        self.config = _Config(in_channels=channels, out_channels=channels, sample_size=size, cross_attention_dim=cond_dim)
+        self.conv = nn.Conv2d(channels, features, 3, padding=1)
+        self.features = nn.Identity()  # the site with the known structure
+        self.out = nn.Conv2d(features, channels, 1)
+        for p in self.parameters():
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        w = torch.zeros(len(self.groups), features, cond_dim - 2)
+        for j, gr in enumerate(self.groups):
+            for c in gr:
+                v = torch.randn(cond_dim - 2, generator=g)
+                w[j, c] = v / v.norm()  # unit: every channel of a group depends equally strongly
+        self.register_buffer("weights", w)  # (groups, C, D − 2)
+
+    def forward(
+        self,
+        sample: Tensor,
+        timestep: Tensor | float | int,
+        encoder_hidden_states: Tensor,
+        encoder_attention_mask: Tensor | None = None,
+        return_dict: bool = True,
+        **kwargs: object,
+    ):
+        B, C, H, W = sample.shape
+        s = self.stride
+        hx = torch.tanh(self.conv(nn.functional.avg_pool2d(sample, s)))  # (B, C_L, h, w)
+        h, w = H // s, W // s
+        tokens = encoder_hidden_states.to(sample.dtype)
+        loc, feats = tokens[..., :2].detach(), tokens[..., 2:]
+        y = (torch.arange(h, dtype=loc.dtype, device=loc.device) + 0.5) / h
+        x = (torch.arange(w, dtype=loc.dtype, device=loc.device) + 0.5) / w
+        d2 = (x.view(1, 1, 1, w) - loc[..., 0, None, None]) ** 2 + (y.view(1, 1, h, 1) - loc[..., 1, None, None]) ** 2
+        bumps = torch.relu(1 - d2 / self.cond_radius**2) ** 2  # (B, L, h, w)
+        if encoder_attention_mask is not None:
+            bumps = bumps * encoder_attention_mask.to(sample.dtype)[..., None, None]
+        n = min(len(self.groups), tokens.shape[1] - 1)  # conditioner g is token 1 + g
+        inj = torch.zeros_like(hx)
+        if n:
+            proj = torch.einsum("gcd,bgd->bgc", self.weights[:n].to(sample.dtype), feats[:, 1 : 1 + n])  # (B, g, C_L)
+            inj = torch.einsum("bgc,bghw->bchw", proj, bumps[:, 1 : 1 + n])
+        act = self.features(hx + inj)
+        out = nn.functional.interpolate(self.out(act), scale_factor=s, mode="nearest")
+        return (out,) if not return_dict else SimpleNamespace(sample=out)
+
+
+def channel_local_denoiser(*, dtype: torch.dtype = torch.float32, **kwargs: object) -> Denoiser:
+    """A :class:`Denoiser` over a :class:`ChannelLocalUNet` (DDPM schedule, ε-prediction)."""
+    return Denoiser(ChannelLocalUNet(**kwargs).to(dtype), name="toy-channel-local")  # type: ignore[arg-type]
 
 
 def toy_conditioning(locations: Sequence[Sequence[float]], *, dim: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32) -> Conditioning:
