@@ -36,13 +36,14 @@ from probes.compressed import CompressedJacobian, compressed_jacobian
 from probes.conditional import conditional_locality, conditioner_jvp
 from interp.masks import composition_masks
 from probes.cpc import cpc_residual
-from probes.features import concept_cosines, feature_dependence, linear_probe_map
+from probes.features import concept_cosines, feature_dependence, layer_dependence, linear_probe_map
 from interp.forward_mode import forward_mode_ready
 from interp.inputs import forward_samples, log_levels
 from probes.jacobian import aggregate_map, pixel_jacobian, pixel_locality
 from interp.results import ProbeResult, concat_frames
 from probes.summaries import (
     effective_conditioners,
+    channel_sparsity,
     hoyer_sparsity,
     mass_outside,
     mass_radius,
@@ -69,6 +70,8 @@ __all__ = [
     "forward_mode_ready",
     "forward_samples",
     "hoyer_sparsity",
+    "layer_dependence",
+    "channel_sparsity",
     "integrated_gradients_map",
     "linear_probe_map",
     "locality_sweep",
