@@ -740,10 +740,14 @@ def cosine_figure(data: Mapping[str, Any], site: str, path: str | Path) -> Path:
     else:
         panels = [(f"t = {tk}", m, data["blocks"][site][tk]) for tk, m in data["cosines"][site].items()]
     n = len(names)
-    fig, axes = plt.subplots(1, len(panels), figsize=(0.5 * n * len(panels) + 1.5, 0.5 * n + 1.2), squeeze=False)
-    for ax, (title, m, blocks) in zip(axes[0], panels):
+    # the colour bar gets its own narrow column: a bar on the last panel would shrink that panel alone
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(0.5 * n * len(panels) + 1.5, 0.5 * n + 1.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.0] * len(panels) + [0.05]})
+    for p, (ax, (title, m, blocks)) in enumerate(zip(axes[0], panels)):
+        last = p == len(panels) - 1
         sns.heatmap(np.asarray(m, dtype=float), vmin=-1, vmax=1, cmap="RdBu_r", annot=n <= 10, fmt=".2f",
-                    annot_kws={"size": 6}, xticklabels=names, yticklabels=names, square=True, cbar=ax is axes[0][-1], ax=ax)
+                    annot_kws={"size": 6}, xticklabels=names, yticklabels=names, square=True, cbar=last,
+                    cbar_ax=axes[0][-1] if last else None, ax=ax)
         ax.set_title(f"{title}\nblock score {blocks['score']:.2f} (k={blocks['k']})" if blocks.get("score") is not None
                      else title, fontsize=8)
         ax.tick_params(labelsize=7)
