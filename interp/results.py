@@ -150,6 +150,18 @@ class ProbeResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         return atomic_write_json(path, self.to_dict(include_maps=include_maps))
 
+    def plot(self, name: str | None = None, **kw: Any) -> Any:
+        """A paper figure of this result (a matplotlib ``Figure``; nothing is shown or written).
+
+        Dispatches with :func:`interp.figures.plot`: the cosine matrix for ``concept_cosines``, otherwise the map
+        ``name`` (default: the probe's main map, e.g. ``"G"``, ``"jvp"``) as a panel grid with a labelled
+        colorbar. Keywords (``norm=``, ``width=``, ``select=``, ``image=``, ...) go to that figure function.
+        matplotlib is imported only here, on the first call.
+        """
+        from interp import figures
+
+        return figures.plot(self, name, **kw)
+
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in self.maps.items())
         return f"ProbeResult({self.probe}: maps [{shapes}], {len(self.rows)} summary rows)"

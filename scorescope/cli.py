@@ -64,12 +64,14 @@ _mount_plugins()
 
 # The application's own experiments are mounted directly (the application layer may import what it likes).
 from interp.clevr.cli import app as _clevr_app  # noqa: E402
+from scorescope.export_cli import app as _export_app  # noqa: E402
 from scorescope.features_cli import app as _features_app  # noqa: E402
 from scorescope.intervene_cli import app as _intervene_app  # noqa: E402
 from scorescope.track_cli import track as _track  # noqa: E402
 
 app.add_typer(_intervene_app, name="intervene")
 app.add_typer(_features_app, name="features")
+app.add_typer(_export_app, name="export")
 # `clevr track` combines the world with the probes, so it lives in the application and joins the world's group.
 _clevr_app.command("track")(_track)
 
