@@ -561,6 +561,7 @@ def run_track(
         "rows": [{c: _nan_to_none(v) for c, v in r.items()} for r in frame.to_dict("records")],
         "machine": dict(machine(), device=device, loadavg_end=list(os.getloadavg())),
         "units": {"ran": len(result.ran), "skipped": len(result.skipped)},
+        "unit_wall_s": _unit_walls(out, list(runs)),
         "compute_s": round(result.compute_s, 1),
         "out": str(out),
     }
@@ -574,6 +575,17 @@ def run_track(
     if json_path is not None:
         result.paths["json_copy"] = atomic_write_json(json_path, summary)
     return result
+
+
+def _unit_walls(out: Path, labels: Sequence[str]) -> list[dict[str, Any]]:
+    """``[{"model", "step", "site", "wall_s"}, ...]`` of the finished units of ``labels`` (compute time each)."""
+    walls = []
+    for p in sorted((out / "parts").glob("*.json")):
+        data = json.loads(p.read_text())
+        u = data["unit"]
+        if u["label"] in labels:
+            walls.append({"model": u["label"], "step": u["step"], "site": u["site"], "wall_s": data["wall_s"]})
+    return walls
 
 
 def _headline(rows: Sequence[dict[str, Any]], cfg: TrackConfig) -> str:
