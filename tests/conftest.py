@@ -42,3 +42,15 @@ def tiny_clevr_pipe():
 @pytest.fixture()
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_restored():
+    """Each test starts in grad mode, and whatever mode it leaves is undone.
+
+    A test that abandons generators out of order (``tests/test_capture.py``'s interleaved-capture test suspends a
+    generator inside ``torch.no_grad()``) would otherwise leave gradients off for every later test on this thread.
+    """
+    torch.set_grad_enabled(True)
+    yield
+    torch.set_grad_enabled(True)

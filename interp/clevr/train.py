@@ -590,6 +590,10 @@ def train(
     end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
     bar = tqdm(range(start, end), initial=start, total=recipe.steps, disable=not progress or not accel.is_main_process, mininterval=10, desc=recipe.name)
     step = start
+    # Training needs gradients whatever the caller's grad mode is (a caller inside ``torch.no_grad()``, or a
+    # suspended generator that left it disabled on this thread, would otherwise fail with "does not require grad").
+    grad_was = torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
     try:
         for step in bar:
             batch = stream.batch(step * accel.num_processes + accel.process_index)
@@ -635,6 +639,7 @@ def train(
                 export_ema_pipeline(recipe, seed, ema, snap_root / f"step-{done:07d}")
         step = max(start, end)
     finally:
+        torch.set_grad_enabled(grad_was)
         logf.close()
     wall = wall_before + time.time() - t0
     pipe_dir = out / "pipeline"

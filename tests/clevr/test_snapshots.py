@@ -59,3 +59,12 @@ def test_bad_snapshot_interval_and_foreign_snapshot_folder_are_refused(tmp_path)
     with pytest.raises(FileExistsError, match=SNAPSHOT_DIR):  # and even with overwrite, the file is never replaced
         train(rec, run, progress=False, overwrite=True, snapshot_every=1)
     assert (run / SNAPSHOT_DIR).read_text() == "not ours"
+
+
+def test_training_works_inside_no_grad_and_restores_the_mode(tmp_path):
+    rec = get_recipe("exp1", steps=2, batch_size=2, checkpoint_every=2)
+    free = train(rec, tmp_path / "a", seed=5, progress=False)
+    with torch.no_grad():
+        inside = train(rec, tmp_path / "b", seed=5, progress=False)
+        assert not torch.is_grad_enabled()  # the caller's mode is back
+    assert inside.losses == free.losses
