@@ -15,8 +15,9 @@ by :func:`interp.figures.map_figure`), into one output folder:
 The folder is claimed with :func:`interp.io.prepare_output_dir` (kind ``export-maps``): a foreign non-empty folder
 is refused unless ``overwrite=True``. Inside it, a hidden manifest (``.scorescope-exports.json``) records every
 file an export wrote with its SHA-256, so a later export replaces a file only if this command wrote it and nobody
-changed it since; any other file of the same name (a user's, or an edited export) is refused unless
-``overwrite=True``. Nothing else in the folder is touched. Every file is written atomically (:mod:`interp.io`).
+changed it since; any other file of the same name (a user's, an edited export, a link) is refused, with or without
+``overwrite``: like every scorescope command, an export never replaces a file it did not create. Nothing else in
+the folder is touched. Every file is written atomically (:mod:`interp.io`).
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ def export_maps(
         formats: subset of ``pdf``, ``svg``, ``png``.
         norm / width / select / image / log_floor: as in :func:`interp.figures.map_figure`.
         dpi: resolution of the PNG (PDF / SVG are vector).
-        overwrite: write into a foreign folder, and replace same-named files this command did not write.
+        overwrite: write into a foreign non-empty folder (its files are kept; a same-named file this command did not
+            write is still refused).
 
     Returns:
         :class:`Export` with the written paths per map.
@@ -173,7 +175,8 @@ def export_maps(
     Raises:
         ValueError: an unknown map (the message lists the result's maps), format, norm or width — before anything
             is written.
-        FileExistsError: a foreign folder, or a file this command did not write, without ``overwrite``.
+        FileExistsError: a foreign folder without ``overwrite``, or a same-named file this command did not write
+            (named in the message) — before anything is written.
     """
     fmts = check_formats(formats)
     names = list(maps) if maps else [figures.default_map(result)]
@@ -198,10 +201,10 @@ def export_maps(
             current = _sha(path.read_bytes()) if path.is_file() and not path.is_symlink() else None
             if current is None or current not in (entry.get("sha256"), entry.get("previous")):
                 foreign.append(fname)
-    if foreign and not overwrite:
+    if foreign:
         raise FileExistsError(
             f"{folder} holds {', '.join(sorted(foreign))}, which this export did not write (or which changed since); "
-            "choose a new folder, or pass --overwrite (overwrite=True) to replace them (nothing else is deleted)")
+            "exports never replace such files, even with --overwrite: move them away or choose another --out folder")
 
     # Render everything before writing anything: a failure leaves the files as they were.
     rendered: dict[str, dict[str, bytes]] = {}
@@ -249,10 +252,7 @@ def export_maps(
             owned[fname] = {"sha256": _sha(blob), "previous": old}
         atomic_write_json(folder / MANIFEST, manifest)
         for fname, blob in blobs.items():
-            path = folder / fname
-            if path.is_symlink():  # never write through a link; replace the link itself
-                path.unlink()
-            atomic_write(path, blob)
+            atomic_write(folder / fname, blob)
             owned[fname]["previous"] = None
         atomic_write_json(folder / MANIFEST, manifest)
         done.paths[name] = [folder / f for f in blobs]

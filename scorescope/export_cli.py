@@ -77,7 +77,7 @@ def maps_command(
     seeds: int = typer.Option(2, "--seeds", help="Forward-process samples (seeds 0..n-1, >= 1) each map averages."),
     norm: str = typer.Option("auto", "--norm", help="Colour normalisation: auto, panel, shared, symmetric (signed maps), log (Jacobians)."),
     width: str = typer.Option("one-column", "--width", help="Figure width: one-column (3.25 in) or two-column (6.75 in)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a foreign folder and replace same-named files this command did not write (nothing else is deleted)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a foreign non-empty folder (its files are kept; same-named files this command did not write are still refused)."),
 ) -> None:
     """Run a probe on a model and export its maps as figures + safetensors + JSON sidecars.
 

@@ -117,16 +117,23 @@ def test_export_never_replaces_files_it_did_not_write(tmp_path):
     with pytest.raises(FileExistsError, match=r"pixel_locality-G\.png"):
         ex.export_maps(r, out, formats=["png"], dpi=50)
     assert png.read_bytes() == first + b"edited"
-    # overwrite=True replaces only the named files; the user's other files stay
+    # overwrite=True does not change that: the user's drawing and the edited export survive
+    with pytest.raises(FileExistsError, match=r"pixel_locality-G\.png, pixel_locality-G\.svg.*even with --overwrite"):
+        ex.export_maps(r, out, formats=["png", "svg"], overwrite=True, dpi=50)
+    assert (out / "pixel_locality-G.svg").read_text() == "my drawing"
+    assert png.read_bytes() == first + b"edited"
+    # a link planted under an export's name is refused too, and its target is never written through
     (out / "notes.txt").write_text("keep me")
-    # a link planted under an export's name is replaced itself, never written through
-    (out / "pixel_locality-G.json").unlink()
+    (out / "pixel_locality-G.json").unlink()  # the test's own setup: the export's sidecar, replaced by a link
     (out / "pixel_locality-G.json").symlink_to(out / "notes.txt")
     with pytest.raises(FileExistsError, match=r"pixel_locality-G\.json"):
-        ex.export_maps(r, out, formats=["png"], dpi=50)
-    ex.export_maps(r, out, formats=["png", "svg"], overwrite=True, dpi=50)
+        ex.export_maps(r, out, formats=["png"], overwrite=True, dpi=50)
+    assert (out / "pixel_locality-G.json").is_symlink() and (out / "notes.txt").read_text() == "keep me"
+    # once the user moves their files away, the export writes again
+    for name in ("pixel_locality-G.svg", "pixel_locality-G.png", "pixel_locality-G.json"):
+        (out / name).rename(tmp_path / name)
+    ex.export_maps(r, out, formats=["png", "svg"], dpi=50)
     assert (out / "notes.txt").read_text() == "keep me"
-    assert not (out / "pixel_locality-G.json").is_symlink()
     assert json.loads((out / "pixel_locality-G.json").read_text())["map"] == "G"
     ET.parse(out / "pixel_locality-G.svg")
 
