@@ -78,7 +78,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from interp.io import atomic_write_json, check_settings, check_writable_file, prepare_output_dir
+from interp.clevr.evaluate import OptionError  # a ValueError naming the CLI option at fault, shared by the CLEVR commands
+from scorescope.experiments.study import check_json_option, claim_study_folder
+from interp.io import atomic_write_json
 
 KIND = "features-concepts"
 """Marker kind of the output folder."""
@@ -89,14 +91,6 @@ PIXEL = "pixel"
 #: Fixed settings of an output folder: a resume must match them (colours, sites, t, seeds and locations may change:
 #: the cosines are recomputed on every run, and pairs not yet sampled are added).
 FIXED = ("model", "config_hash", "n", "seed", "steps", "match_radius", "detector", "guidance_scale", "alternate")
-
-
-class OptionError(ValueError):
-    """A bad setting; ``option`` is the ``scorescope features concepts`` option that sets it."""
-
-    def __init__(self, message: str, option: str) -> None:
-        super().__init__(message)
-        self.option = option
 
 
 # --------------------------------------------------------------------------------------------- options
@@ -573,11 +567,7 @@ def run_concepts(
                                ("--seed", seed, 0), ("--bootstrap", n_boot, 1), ("batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise OptionError(f"{option.lstrip('-')} must be an integer >= {low} ({option}), got {value!r}", option)
-    if json_path is not None:
-        try:
-            check_writable_file(json_path, what="--json file")
-        except ValueError as err:
-            raise OptionError(str(err), "--json") from None
+    check_json_option(json_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         loaded = load_model(model, device=device)
@@ -600,13 +590,8 @@ def run_concepts(
         "sampler": "ddim", "colours": names, "sites": site_list, "t": levels, "seeds": list(range(seeds)),
         "locations": locations, "same": same, "n_boot": n_boot, "x0": "zeros",
     }))
-    out = prepare_output_dir(out, KIND, overwrite=overwrite)
-    parts = out / "parts"
-    parts.mkdir(exist_ok=True)
-    try:
-        check_settings(out / "settings.json", settings, FIXED, may_change="colours, sites, t, seeds, locations and --same")
-    except ValueError as err:
-        raise OptionError(str(err), "--out") from None
+    out, parts = claim_study_folder(out, KIND, settings, FIXED, settings_file="settings.json", may_change="colours, sites, t, seeds, locations and --same",
+                                    overwrite=overwrite)
 
     # 1. concept directions and cosines (seconds: recomputed on every run)
     locs = concept_locations(locations, seed)

@@ -62,7 +62,8 @@ from torch import Tensor, nn
 
 from interp import Conditioning, Denoiser
 from interp.clevr.evaluate import OptionError  # a ValueError naming the CLI option at fault, shared by the CLEVR commands
-from interp.io import atomic_write_json, check_settings, check_writable_file, prepare_output_dir
+from scorescope.experiments.study import check_json_option, claim_study_folder
+from interp.io import atomic_write_json
 from interp.site import SiteError, resolve_paths, spatial_view
 
 KIND = "features-profile"
@@ -435,11 +436,7 @@ def run_profile(
 
     t0 = time.perf_counter()
     levels, seed_list, radius, directions = check_options(t=t, seeds=seeds, radius=radius, directions=directions, k=k, sites=sites)
-    if json_path is not None:
-        try:
-            check_writable_file(json_path, what="--json file")
-        except ValueError as err:
-            raise OptionError(str(err), "--json") from None
+    check_json_option(json_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         loaded = load_model(model, device=device)
@@ -459,13 +456,8 @@ def run_profile(
         "input": "forward process of the rendered scene (x0 = render(scene of seed), noise seed = seed)",
         "sites": [s.path for s in layers], "t": levels, "seeds": seed_list,
     }
-    out = prepare_output_dir(out, KIND, overwrite=overwrite)
-    parts = out / "parts"
-    parts.mkdir(exist_ok=True)
-    try:
-        check_settings(out / "profile.json", settings, FIXED, may_change="sites, noise levels and seeds")
-    except ValueError as err:
-        raise OptionError(str(err), "--out") from None
+    out, parts = claim_study_folder(out, KIND, settings, FIXED, settings_file="profile.json", may_change="sites, noise levels and seeds",
+                                    overwrite=overwrite)
     result = ProfileResult(frame=pd.DataFrame())
     frames: list[pd.DataFrame] = []
     compute_s = 0.0

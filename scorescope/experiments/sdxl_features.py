@@ -70,7 +70,8 @@ import torch
 from torch import Tensor
 
 from interp.clevr.evaluate import OptionError
-from interp.io import atomic_write, atomic_write_json, check_settings, check_writable_file, prepare_output_dir
+from scorescope.experiments.study import check_json_option, claim_study_folder
+from interp.io import atomic_write, atomic_write_json
 
 KIND = "features-sdxl"
 """Marker kind of the output folder."""
@@ -500,11 +501,7 @@ def run_sdxl_features(
     prompts = prompt_set(styles, contents, builtin=builtin)
     levels = check_levels(t)
     seed_list = check_seeds(seeds)
-    if json_path is not None:
-        try:
-            check_writable_file(json_path, what="--json file")
-        except ValueError as err:
-            raise OptionError(str(err), "--json") from None
+    check_json_option(json_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype if dtype is not None else default_dtype(model, device)
     pipe, den = load_pipeline(model, device=device, dtype=dtype)
@@ -520,13 +517,8 @@ def run_sdxl_features(
         "prompts": [p.text for p in prompts], "concepts": list(concepts), "latent": list(input_shape(den)),
     }
     settings = json.loads(json.dumps(settings))
-    out = prepare_output_dir(out, KIND, overwrite=overwrite)
-    parts = out / "parts"
-    parts.mkdir(exist_ok=True)
-    try:
-        check_settings(out / "settings.json", settings, FIXED, may_change="--style, --content and --builtin")
-    except ValueError as err:
-        raise OptionError(str(err), "--out") from None
+    out, parts = claim_study_folder(out, KIND, settings, FIXED, settings_file="settings.json", may_change="--style, --content and --builtin",
+                                    overwrite=overwrite)
 
     inputs = [(level, *forward_samples(den, level, seed_list)) for level in levels]
     result = SdxlResult(frame=None, cosine_frame=None, cosines={}, maps={}, settings=settings)
