@@ -1,7 +1,9 @@
 """``scorescope locality ...``: the probes from the command line.
 
 * ``scorescope locality sweep --model exp1 --sites '*attn2' --t 0.1,0.5,0.9 --out DIR`` — a resumable sweep
-  (:func:`probes.locality_sweep`); re-running the same command after an interruption finishes it.
+  (:func:`probes.locality_sweep`); re-running the same command after an interruption finishes it. Under
+  ``torchrun --nproc_per_node=N scorescope locality sweep ...`` the units are split across N processes
+  (:mod:`interp.distributed`) and rank 0 writes the same ``results.csv`` as one process.
 * ``scorescope locality pixel|cond|cpc --model NAME --t 0.5 --json FILE`` — one probe, its summaries
   printed as a table and the full result (maps included) written as JSON.
 
@@ -27,13 +29,12 @@ PROMPT = typer.Option(None, "--prompt", help="SDXL phrases, separated by '|' (de
 def _load(model: str, locations: Optional[str], prompt: Optional[str]):
     import os
 
-    import torch
-
+    from interp.distributed import rank_device
     from probes.sweep import _resolve, parse_locations
 
     locs = parse_locations(locations) if locations else None
     phrases = prompt.split("|") if prompt else None
-    device = os.environ.get("SCORESCOPE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = rank_device(os.environ.get("SCORESCOPE_DEVICE") or None)  # under torchrun: cuda:LOCAL_RANK
     return _resolve(model, None, locs, phrases, device=device)
 
 
@@ -65,6 +66,7 @@ def sweep(
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty folder that holds no sweep (nothing in it is deleted)."),
 ) -> None:
     """Sites x noise levels x seeds -> one tidy CSV; interrupted sweeps resume without duplicates."""
+    from interp.distributed import RankAborted
     from probes.sweep import locality_sweep, parse_floats
 
     den, name, cond = _load(model, locations, prompt)
@@ -75,8 +77,13 @@ def sweep(
                             branches=[b for b in branches.split(",") if b], progress=typer.echo, overwrite=overwrite)
     except FileExistsError as err:
         raise typer.BadParameter(str(err), param_hint="--out") from None
+    except RankAborted:
+        raise typer.Exit(1) from None  # rank 0 reports the reason
     df["model"] = name
-    typer.echo(f"{len(df)} rows -> {out / 'results.csv'}")
+    from interp.distributed import detect_env
+
+    if detect_env().is_main:  # one summary line, from the rank that wrote results.csv
+        typer.echo(f"{len(df)} rows -> {out / 'results.csv'}")
 
 
 @app.command()

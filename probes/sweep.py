@@ -155,18 +155,23 @@ def locality_sweep(
         branches: CFG branches of the output-site probes: ``"cond"`` and/or ``"guided"`` (the denoiser's
             guidance scale); layer sites read the conditional branch.
         progress: called with a line per unit (``"done"`` / ``"skip"``).
-        device: where a model given by name is loaded (default: the GPU when present).
+        device: where a model given by name is loaded (default: the GPU when present; ``cuda:LOCAL_RANK``
+            under ``torchrun``).
         overwrite: write into a non-empty ``out`` that is not a sweep's folder (nothing in it is deleted).
             A folder holding a sweep is resumed; with other fixed settings it is refused.
         probe_kwargs: passed to every probe (``x0=``, ``shape=``, ``chunk_size=``...).
+
+    Several processes: launched under ``torchrun`` (see :mod:`interp.distributed`) the pending units are split
+    across the ranks (``out`` is then required); each writes its parts, rank 0 writes ``sweep.json`` and
+    ``results.csv``, and every rank returns the whole table — the same rows and numbers as one process.
 
     Returns:
         the tidy frame of every unit (resumed units read back from their parts).
     """
     if device is None:
-        import torch
+        from interp.distributed import rank_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = rank_device()  # several processes: each on its own GPU
     den, name, cond = _resolve(model, cond, locations, prompt, device=device)
     bad = set(metrics) - {"cond", "cpc", "pixel"}
     if bad or not metrics:
@@ -181,36 +186,63 @@ def locality_sweep(
         metrics=sorted(metrics), radius=float(radius), directions=str(directions), pixel_stride=int(pixel_stride),
         conditioning=_conditioning_id(cond),
     )
+    from interp.distributed import distributed
+
+    with distributed() as dist:
+        return _run_units(den, cond, cfg, site_list, levels, seed_list, branch_list, out, overwrite, progress, dist, probe_kwargs)
+
+
+def _run_units(den: Denoiser, cond: Conditioning, cfg: SweepConfig, site_list: list[str], levels: list[float],
+               seed_list: list[int], branch_list: list[str], out: str | Path | None, overwrite: bool,
+               progress: Callable[[str], None] | None, dist: Any, probe_kwargs: dict[str, Any]) -> pd.DataFrame:
+    """The unit loop of :func:`locality_sweep`: this rank's pending units, then (rank 0) the merged table."""
+    if out is None and dist.world_size > 1:
+        raise ValueError(f"out is required on {dist.world_size} processes: the ranks exchange their units as part files")
     parts_dir = None
     if out is not None:
         out = Path(out)
-        if not (out / "sweep.json").is_file():  # a sweep's own folder (with or without the marker) resumes
-            prepare_output_dir(out, "locality-sweep", overwrite=overwrite)
         parts_dir = out / "parts"
-        parts_dir.mkdir(parents=True, exist_ok=True)
-        _check_config(out / "sweep.json", cfg)
-    frames: list[pd.DataFrame] = []
+
+        def claim() -> None:
+            if not (out / "sweep.json").is_file():  # a sweep's own folder (with or without the marker) resumes
+                prepare_output_dir(out, "locality-sweep", overwrite=overwrite)
+            parts_dir.mkdir(parents=True, exist_ok=True)
+            _check_config(out / "sweep.json", cfg)
+
+        dist.on_main(claim)
     units = [(site, level, seed, branch) for site in site_list for level in levels for seed in seed_list
              for branch in (branch_list if site == OUTPUT_SITE else ["cond"])]
-    for site, level, seed, branch in units:
-        key = unit_key(site, level, seed, branch)
-        tag = f"{site} t={level} seed={seed}" + ("" if branch == "cond" else f" branch={branch}")
-        part = parts_dir / f"{key}.csv" if parts_dir is not None else None
-        if part is not None and part.exists():
-            frames.append(pd.read_csv(part))
-            if progress:
-                progress(f"skip {tag} (done)")
-            continue
+
+    def part_of(unit: tuple[str, float, int, str]) -> Path | None:
+        return parts_dir / f"{unit_key(*unit)}.csv" if parts_dir is not None else None
+
+    def tag_of(unit: tuple[str, float, int, str]) -> str:
+        site, level, seed, branch = unit
+        return f"{site} t={level} seed={seed}" + ("" if branch == "cond" else f" branch={branch}")
+
+    pending = dist.pending(units, done=lambda u: part_of(u) is not None and part_of(u).exists())
+    todo = dist.share(pending)
+    if progress and dist.is_main:
+        for unit in units:
+            if unit not in pending:
+                progress(f"skip {tag_of(unit)} (done)")
+    fresh: dict[tuple[str, float, int, str], pd.DataFrame] = {}
+    for unit in todo:
+        site, level, seed, branch = unit
         df = run_unit(den, cond, site, level, seed, cfg, branch=branch, **probe_kwargs)
-        df["unit"] = key
+        df["unit"] = unit_key(*unit)
+        part = part_of(unit)
         if part is not None:
             atomic_write_csv(df, part)
-            df = pd.read_csv(part)  # identical dtypes for fresh and resumed units
-        frames.append(df)
+            dist.part_written()
+        fresh[unit] = df
         if progress:
-            progress(f"done {tag}: {len(df)} rows")
+            progress(f"done {tag_of(unit)}: {len(df)} rows" + (f" (rank {dist.rank})" if dist.world_size > 1 else ""))
+    dist.barrier()  # every rank's parts are on disk
+    # Read back from the parts (identical dtypes for fresh and resumed units, whichever rank ran them).
+    frames = [pd.read_csv(part_of(u)) if parts_dir is not None else fresh[u] for u in units]
     result = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(CORE_COLUMNS))
-    if out is not None:
+    if out is not None and dist.is_main:
         atomic_write_csv(result, out / "results.csv")
     return result
 

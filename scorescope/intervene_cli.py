@@ -5,6 +5,8 @@
     scorescope intervene locality-sweep --model exp2 --out runs/iv --only 'unpatched,mask:up:*'
 
 The work is done by :mod:`scorescope.experiments.locality_sweep`; this module only parses and checks options.
+Under ``torchrun --nproc_per_node=N`` the (intervention, k) units are split across N processes
+(:mod:`interp.distributed`); rank 0 writes the same table as one process.
 ``--counts``, ``--n``, ``--seed`` and ``--steps`` are parsed and checked as in ``scorescope clevr eval``; every
 option is checked before any sampling, and a bad one is reported as one usage error naming the option.
 """
@@ -46,6 +48,7 @@ def locality_sweep(
     import torch
 
     from interp.clevr.evaluate import OptionError, check_eval_options, parse_counts
+    from interp.distributed import RankAborted
     from scorescope.experiments import locality_sweep as ls
 
     try:
@@ -110,5 +113,10 @@ def locality_sweep(
         raise _bad(err, err.option) from None
     except FileExistsError as err:
         raise _bad(err, "--out") from None
-    typer.echo(f"{len(res.ran)} units run, {len(res.skipped)} resumed, {res.wall_s:.0f} s; "
-               + ", ".join(str(p) for p in res.paths.values()))
+    except RankAborted:
+        raise typer.Exit(1) from None  # rank 0 reports the reason
+    from interp.distributed import detect_env
+
+    if detect_env().is_main:  # one summary line, from the rank that wrote the files
+        typer.echo(f"{len(res.ran)} units run, {len(res.skipped)} resumed, {res.wall_s:.0f} s; "
+                   + ", ".join(str(p) for p in res.paths.values()))

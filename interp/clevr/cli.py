@@ -3,6 +3,7 @@
     scorescope clevr train --recipe exp1 --out runs/exp1            # CPU profile, resumable
     accelerate launch -m interp.clevr.cli train --recipe exp1 --profile gpu --out runs/exp1-gpu
     scorescope clevr eval --model exp1 --counts 0-10 --n 64 --seed 0 --json out.json
+    torchrun --nproc_per_node=4 $(which scorescope) clevr eval --model exp1 --json out.json   # units split across 4
     scorescope clevr compare exp1.json exp2.json exp3.json --metric recall --out recall.png
     scorescope clevr render --out scenes.png --counts 0-10           # look at the training distribution
 
@@ -84,6 +85,11 @@ def eval_(
     figure: Path = typer.Option(None, help="Accuracy-vs-k figure (default: next to the JSON)."),
     grid: Path = typer.Option(None, help="Sample grid image (default: next to the JSON)."),
     threads: int = typer.Option(None, help="torch.set_num_threads (>= 1)."),
+    parts: Path = typer.Option(
+        None, help="Folder of per-(k, batch) part files: the evaluation resumes from it (default: none on one "
+        "process; NAME_parts/ next to the JSON under torchrun)."
+    ),
+    device: str = typer.Option(None, help="cpu | cuda (default: cpu on one process; cuda:LOCAL_RANK under torchrun when present)."),
 ) -> None:
     """Length generalisation: count accuracy, recall, precision, placement accuracy and mean count for each requested k."""
     import torch
@@ -102,13 +108,33 @@ def eval_(
         paths = output_paths(json_out, figure_path=figure, grid_path=grid)
     except OptionError as err:
         raise _bad(err, err.option) from None
+    if device is not None and device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise _bad(ValueError(f"device must be cpu or cuda, got {device!r}"), "--device")
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise _bad(ValueError("no CUDA device is available; use --device cpu"), "--device")
     if threads:
         torch.set_num_threads(threads)
-    try:
-        pipe = load_model(model).pipeline
-    except (ValueError, FileNotFoundError) as err:
-        raise _bad(err, "--model") from None
-    result = evaluate_length(pipe, ks, n=n, seed=seed, steps=steps, guidance_scale=guidance, model_name=model)
+    from interp.distributed import RankAborted, distributed
+
+    with distributed() as dist:
+        if parts is None and dist.world_size > 1:
+            parts = paths["json"].with_name(paths["json"].with_suffix("").name + "_parts")
+        where = dist.device(device) if (device is not None or dist.world_size > 1) else "cpu"
+        try:
+            pipe = load_model(model, device=where).pipeline
+        except (ValueError, FileNotFoundError) as err:
+            raise _bad(err, "--model") from None
+        try:
+            result = evaluate_length(pipe, ks, n=n, seed=seed, steps=steps, guidance_scale=guidance, model_name=model,
+                                     parts=parts, dist=dist, progress=typer.echo if parts is not None else None)
+        except FileExistsError as err:
+            raise _bad(err, "--parts") from None
+        except OptionError as err:
+            raise _bad(err, err.option) from None
+        except RankAborted:
+            raise typer.Exit(1) from None  # rank 0 reports the reason
+        if not dist.is_main:  # rank 0 writes the table and figures
+            return
     paths = write_outputs(result, paths["json"], figure_path=paths["figure"], grid_path=paths["grid"])
     typer.echo(format_table(result))
     typer.echo(f"wrote {paths['json']}, {paths['figure']}, {paths['grid']}")

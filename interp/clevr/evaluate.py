@@ -14,6 +14,7 @@ are also scored on whether each matched object has the requested colour (``colou
 from __future__ import annotations
 
 import io
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -83,21 +84,31 @@ def _is_colour(pipe: Any) -> bool:
 
 
 def generate(pipe: Any, locations: Sequence[np.ndarray], *, seed: int, steps: int, batch_size: int = 64, colours: Sequence[np.ndarray] | None = None, guidance_scale: float | None = None) -> Tensor:
-    """Sample one image per location set; returns ``(N, 3, H, W)`` in [0, 1] (CPU, float32)."""
+    """Sample one image per location set; returns ``(N, 3, H, W)`` in [0, 1] (CPU, float32).
+
+    Batch ``b`` (rows ``b · batch_size …``) draws its noise from ``seed · 100003 + b · batch_size`` alone
+    (:func:`generate_batch`), so a batch can be sampled on its own — on another process — with the same numbers.
+    """
+    out = []
+    for start in range(0, len(locations), batch_size):
+        cols = None if colours is None else colours[start : start + batch_size]
+        out.append(generate_batch(pipe, locations[start : start + batch_size], seed=seed, start=start, steps=steps,
+                                  colours=cols, guidance_scale=guidance_scale))
+    return torch.cat(out)
+
+
+def generate_batch(pipe: Any, locations: Sequence[np.ndarray], *, seed: int, start: int, steps: int, colours: Sequence[np.ndarray] | None = None, guidance_scale: float | None = None) -> Tensor:
+    """The batch of :func:`generate` whose first row is row ``start``: ``(len(locations), 3, H, W)`` in [0, 1]."""
     from interp.sampling import sample
 
     den = pipe.denoiser(guidance_scale=guidance_scale)
     size = pipe.unet.config.sample_size
-    out = []
-    for start in range(0, len(locations), batch_size):
-        chunk = locations[start : start + batch_size]
-        if colours is not None:
-            conds = [pipe.conditioning(loc, colours=col) for loc, col in zip(chunk, colours[start : start + batch_size])]
-        else:
-            conds = [pipe.conditioning(loc) for loc in chunk]
-        x = sample(den, conds, shape=(len(conds), 3, size, size), num_steps=steps, seed=seed * 100_003 + start, scheduler="ddim")
-        out.append(((x.clamp(-1, 1) + 1) / 2).float().cpu())
-    return torch.cat(out)
+    if colours is not None:
+        conds = [pipe.conditioning(loc, colours=col) for loc, col in zip(locations, colours)]
+    else:
+        conds = [pipe.conditioning(loc) for loc in locations]
+    x = sample(den, conds, shape=(len(conds), 3, size, size), num_steps=steps, seed=seed * 100_003 + start, scheduler="ddim")
+    return ((x.clamp(-1, 1) + 1) / 2).float().cpu()
 
 
 class OptionError(ValueError):
@@ -136,8 +147,19 @@ def evaluate_length(
     detector: DetectorConfig = DetectorConfig(),
     model_name: str = "model",
     keep_images: int = 4,
+    parts: str | Path | None = None,
+    dist: Any = None,
+    progress: Any = None,
 ) -> dict[str, Any]:
     """Run the length-generalisation evaluation.
+
+    The work is a list of units ``(k, sample batch)``: batch ``b`` of count ``k`` holds scenes
+    ``b · batch_size …`` and draws its noise from ``(seed, k, b)`` alone, so the numbers depend on ``batch_size``
+    (not on the order or the process a unit runs on). ``parts``: a folder for one part file per finished unit
+    (claimed as ``clevr-eval-parts``; its ``eval.json`` holds the settings, and a resume with other settings is
+    refused naming them) — the evaluation then resumes after an interruption. ``dist``: an
+    :class:`interp.distributed.Distributed` to split the units across processes (``parts`` required; every rank
+    returns the whole result). ``progress``: called with one line per unit run (parts only).
 
     Returns a JSON-ready dict: ``per_k`` (list of ``{"k", "n", "count_acc", "recall", "precision",
     "placement_acc", "mean_count", "mean_extra", "error_hist"}``, plus ``"colour_acc"`` for colour-conditioned models: the
@@ -153,20 +175,38 @@ def evaluate_length(
     if keep_images < 1:
         raise ValueError(f"keep_images must be >= 1 (the sample grid needs a column), got {keep_images}")
     t0 = time.time()
+    colour = _is_colour(pipe)
+    requests = {k: request_sets(k, n, seed) for k in ks}
+    palette = {k: _request_colours(k, n, seed) if colour else None for k in ks}
+    units = [(k, start) for k in ks for start in range(0, n, batch_size)]
+
+    def run(unit: tuple[int, int]) -> dict[str, Any]:
+        k, start = unit
+        cols = palette[k]
+        return _batch_unit(pipe, requests[k][start : start + batch_size], None if cols is None else cols[start : start + batch_size],
+                           seed=seed * 1000 + k, start=start, steps=steps, guidance_scale=guidance_scale,
+                           detector=detector, keep=max(0, keep_images - start))
+
+    if parts is None:
+        if dist is not None and dist.world_size > 1:
+            raise ValueError(f"parts is required on {dist.world_size} processes: the ranks exchange their units as part files")
+        done = {unit: run(unit) for unit in units}
+    else:
+        done = _run_parts(units, run, Path(parts), dist, progress, settings={
+            "model": model_name, "config_hash": _weights_hash(pipe), "n": n, "seed": seed, "steps": steps,
+            "batch_size": batch_size, "keep_images": keep_images, "guidance_scale": guidance_scale,
+            "detector": dict(detector.__dict__), "colour": colour,
+        })
     per_k, grids = [], []
     for k in ks:
-        req = request_sets(k, n, seed)
-        cols = None
-        if _is_colour(pipe):
-            rng = np.random.default_rng([seed, k, 11])
-            cols = [rng.integers(0, len(COLOUR_NAMES), size=k) for _ in range(n)]
-        imgs = generate(pipe, req, seed=seed * 1000 + k, steps=steps, batch_size=batch_size, colours=cols, guidance_scale=guidance_scale)
-        det = detect(imgs, detector)
-        row = count_stats(k, req, det.positions, radius).as_dict()
-        if cols is not None:
-            row["colour_acc"] = colour_accuracy(req, cols, det.positions, read_colours(imgs, det.positions), radius)
+        batches = [done[(k, start)] for start in range(0, n, batch_size)]
+        positions = [p for b in batches for p in b["positions"]]
+        row = count_stats(k, requests[k], positions, radius).as_dict()
+        if colour:
+            read = [c for b in batches for c in b["colours"]]
+            row["colour_acc"] = colour_accuracy(requests[k], palette[k], positions, read, radius)
         per_k.append(row)
-        grids.append(imgs[:keep_images])
+        grids.append(torch.cat([b["images"] for b in batches])[:keep_images])
     meta = {
         "model": model_name,
         "seed": seed,
@@ -181,6 +221,93 @@ def evaluate_length(
         "wall_s": round(time.time() - t0, 1),
     }
     return {"per_k": per_k, "meta": meta, "_images": torch.stack(grids) if grids else None}
+
+
+def _request_colours(k: int, n: int, seed: int) -> list[np.ndarray]:
+    """The requested palette indices ``(k,)`` of the ``n`` scenes of count ``k``; depends only on ``(seed, k)``."""
+    rng = np.random.default_rng([seed, k, 11])
+    return [rng.integers(0, len(COLOUR_NAMES), size=k) for _ in range(n)]
+
+
+def _batch_unit(pipe: Any, locations: Sequence[np.ndarray], colours: Sequence[np.ndarray] | None, *, seed: int, start: int, steps: int, guidance_scale: float | None, detector: DetectorConfig, keep: int) -> dict[str, Any]:
+    """Sample, detect (and read colours of) one batch: ``positions`` / ``colours`` per image, the first ``keep`` images."""
+    imgs = generate_batch(pipe, locations, seed=seed, start=start, steps=steps, colours=colours, guidance_scale=guidance_scale)
+    det = detect(imgs, detector)
+    read = read_colours(imgs, det.positions) if colours is not None else None
+    return {"positions": det.positions, "colours": read, "images": imgs[:keep]}
+
+
+def _weights_hash(pipe: Any) -> str:
+    """A short hash of the U-Net and encoder weights: a parts folder belongs to one model."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for module in (pipe.unet, pipe.location_encoder):
+        for name, v in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+#: Marker kind of an evaluation's parts folder.
+PARTS_KIND = "clevr-eval-parts"
+
+#: Settings a parts folder is bound to (the counts may change: new counts add units).
+PARTS_FIXED = ("model", "config_hash", "n", "seed", "steps", "batch_size", "keep_images", "guidance_scale", "detector", "colour")
+
+
+def _pack(unit: dict[str, Any]) -> bytes:
+    """A unit as safetensors bytes (ragged per-image arrays as one concatenation plus per-image lengths)."""
+    from safetensors.torch import save
+
+    pos = unit["positions"]
+    tensors = {
+        "lengths": torch.tensor([len(p) for p in pos], dtype=torch.int64),
+        "positions": torch.from_numpy(np.concatenate(pos).astype(np.float32).reshape(-1, 2)),
+        "images": unit["images"].contiguous(),
+    }
+    if unit["colours"] is not None:
+        tensors["colours"] = torch.from_numpy(np.concatenate(unit["colours"]).astype(np.int64))
+    return save(tensors)
+
+
+def _unpack(blob: bytes) -> dict[str, Any]:
+    from safetensors.torch import load
+
+    t = load(blob)
+    cuts = np.cumsum(t["lengths"].numpy())[:-1]
+    positions = np.split(t["positions"].numpy(), cuts)
+    colours = np.split(t["colours"].numpy(), cuts) if "colours" in t else None
+    return {"positions": positions, "colours": colours, "images": t["images"]}
+
+
+def _run_parts(units: list[tuple[int, int]], run: Any, folder: Path, dist: Any, progress: Any, *, settings: dict[str, Any]) -> dict[tuple[int, int], dict[str, Any]]:
+    """Run the units missing from ``folder`` (this rank's share of them) and read every unit back from its part."""
+    from interp.distributed import single_process
+    from interp.io import check_settings, prepare_output_dir
+
+    settings = json.loads(json.dumps(settings))  # as stored, so a resume compares equal
+
+    def part_of(unit: tuple[int, int]) -> Path:
+        return folder / f"k{unit[0]:02d}_b{unit[1]:06d}.safetensors"
+
+    def claim() -> None:
+        prepare_output_dir(folder, PARTS_KIND)
+        try:
+            check_settings(folder / "eval.json", settings, PARTS_FIXED, may_change="the counts")
+        except ValueError as err:
+            raise OptionError(str(err).replace("--out", "--parts"), "--parts") from None
+
+    # No dist: one process, even under torchrun (this function also runs inside other distributed sweeps).
+    d = dist if dist is not None else single_process()
+    d.on_main(claim)
+    for unit in d.my_units(units, done=lambda u: part_of(u).exists()):
+        atomic_write(part_of(unit), _pack(run(unit)))
+        d.part_written()
+        if progress:
+            progress(f"done k={unit[0]} scenes {unit[1]}…" + (f" (rank {d.rank})" if d.world_size > 1 else ""))
+    d.barrier()
+    return {unit: _unpack(part_of(unit).read_bytes()) for unit in units}
 
 
 def figure(result: dict[str, Any], path: str | Path, title: str | None = None) -> Path:

@@ -22,8 +22,12 @@ whose ``state.json`` parses); any other non-empty folder is refused unless ``ove
 file in the way that this command did not create (``loss.csv``, ``latest.json``, ``pipeline/``, ``ckpt-*``)
 is refused by name rather than replaced.
 
-Multi-GPU: ``accelerate launch -m interp.clevr.cli train ...`` — each process takes batch
-``step · world + rank``; gradients are averaged by accelerate's DDP wrapper.
+Several processes (``accelerate launch -m interp.clevr.cli train ...``, or ``torchrun``): the recipe's batch size
+is the *global* batch. Every process draws the same batch ``step`` and the same timesteps, noise and dropout as
+one process, and keeps its own ``batch_size / world`` rows (rank ``r``: the ``r``-th slice); accelerate's DDP
+wrapper averages the gradients, which is the one-process gradient of that batch, so the loss curve (the mean
+over the processes, logged by rank 0) matches one process within float tolerance. Rank 0 writes the log,
+checkpoints and pipeline; a resume continues on any number of processes that divides the batch size.
 
 Recipes (:data:`RECIPES`): ``exp1``, ``exp2``, ``exp3`` (the local U-Net on Exp2 data) and ``colour``, each with
 a ``cpu`` profile (fits the 2-core CPU budget) and a ``gpu`` profile (bigger model, more steps).
@@ -550,14 +554,28 @@ def train(
     if snapshot_every is not None and (not isinstance(snapshot_every, int) or isinstance(snapshot_every, bool) or snapshot_every < 1):
         raise ValueError(f"snapshot_every (--snapshot-every) must be an integer >= 1, got {snapshot_every!r}")
     out = Path(out)
-    # Every check happens here, before the model is built: a wrong folder fails in milliseconds.
-    ckpt = claim_run_folder(out, recipe, seed, resume=resume, overwrite=overwrite)
+    from interp.distributed import detect_env
+
+    several = detect_env().world_size > 1
+    if not several:
+        # Every check happens here, before the model is built: a wrong folder fails in milliseconds.
+        ckpt = claim_run_folder(out, recipe, seed, resume=resume, overwrite=overwrite)
     snap_root = out / SNAPSHOT_DIR
     if os.path.lexists(snap_root) and (snap_root.is_symlink() or not snap_root.is_dir()):
         raise FileExistsError(f"{snap_root} exists and is not a snapshot folder written by `clevr train`; move it away")
     if threads:
         torch.set_num_threads(threads)
     accel = Accelerator(cpu=not torch.cuda.is_available())
+    if several:
+        # Rank 0 claims the folder first (two claims at once would each see the other's marker half-written);
+        # the others then find it ours and read the same checkpoint.
+        with accel.main_process_first():
+            ckpt = claim_run_folder(out, recipe, seed, resume=resume, overwrite=overwrite)
+    world, rank = accel.num_processes, accel.process_index
+    if recipe.batch_size % world:
+        raise RecipeError(f"the batch size {recipe.batch_size} (--batch-size) is the global batch and must split evenly "
+                          f"over {world} processes; use a multiple of {world}", "--batch-size")
+    lo, hi = rank * recipe.batch_size // world, (rank + 1) * recipe.batch_size // world
     if not resume and accel.is_main_process and (out / "latest.json").exists():
         # Starting our run over: a kill before the new run's first checkpoint must not resume the old one.
         os.unlink(out / "latest.json")
@@ -596,20 +614,25 @@ def train(
     torch.set_grad_enabled(True)
     try:
         for step in bar:
-            batch = stream.batch(step * accel.num_processes + accel.process_index)
-            gen = _step_generator(seed, step, accel.process_index)
-            x0 = batch["images"].to(accel.device)
+            # Every process draws the whole global batch and its noise exactly as one process does, then keeps its
+            # rows: the averaged gradient is the one-process gradient (one process: rows 0…B, bit-identical).
+            batch = stream.batch(step)
+            gen = _step_generator(seed, step)
+            full = batch["images"].shape[0]
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (full,), generator=gen)
+            noise = torch.randn(batch["images"].shape, generator=gen)
+            drop = torch.rand(full, generator=gen) < recipe.p_uncond
+            rows = slice(lo, hi)
+            x0 = batch["images"][rows].to(accel.device)
             B = x0.shape[0]
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), generator=gen).to(accel.device)
-            noise = torch.randn(x0.shape, generator=gen).to(accel.device)
-            drop = (torch.rand(B, generator=gen) < recipe.p_uncond).to(accel.device)
-            mask = batch["mask"].to(accel.device) & ~drop[:, None]
+            t, noise, drop = t[rows].to(accel.device), noise[rows].to(accel.device), drop[rows].to(accel.device)
+            mask = batch["mask"][rows].to(accel.device) & ~drop[:, None]
             ab = alphas[t].view(B, 1, 1, 1)
             x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
             target = training_target(recipe.prediction_type, x0, noise, ab)
             for g in raw_opt.param_groups:
                 g["lr"] = lr_at(recipe, step)
-            loss = model(x_t, t, batch["locations"].to(accel.device), mask, batch["colours"].to(accel.device), target)
+            loss = model(x_t, t, batch["locations"][rows].to(accel.device), mask, batch["colours"][rows].to(accel.device), target)
             opt.zero_grad(set_to_none=True)
             accel.backward(loss)
             if recipe.grad_clip:
@@ -622,7 +645,8 @@ def train(
                         ema[k].mul_(decay).add_(v.detach().float().cpu(), alpha=1 - decay)
                     else:
                         ema[k].copy_(v)
-            lv = float(loss.detach())
+            # the global batch's loss: the mean over equal shards of their mean losses
+            lv = float(loss.detach()) if world == 1 else float(accel.reduce(loss.detach(), reduction="mean"))
             losses.append(lv)
             if accel.is_main_process:
                 writer.writerow([step, f"{lv:.6f}", f"{lr_at(recipe, step):.3e}", f"{wall_before + time.time() - t0:.2f}"])

@@ -437,7 +437,9 @@ def run_profile(
     t0 = time.perf_counter()
     levels, seed_list, radius, directions = check_options(t=t, seeds=seeds, radius=radius, directions=directions, k=k, sites=sites)
     check_json_option(json_path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from interp.distributed import rank_device
+
+    device = rank_device(device)  # several processes (torchrun): cuda:LOCAL_RANK each
     try:
         loaded = load_model(model, device=device)
     except (ValueError, FileNotFoundError) as err:
@@ -456,23 +458,28 @@ def run_profile(
         "input": "forward process of the rendered scene (x0 = render(scene of seed), noise seed = seed)",
         "sites": [s.path for s in layers], "t": levels, "seeds": seed_list,
     }
-    out, parts = claim_study_folder(out, KIND, settings, FIXED, settings_file="profile.json", may_change="sites, noise levels and seeds",
-                                    overwrite=overwrite)
-    result = ProfileResult(frame=pd.DataFrame())
-    frames: list[pd.DataFrame] = []
-    compute_s = 0.0
-    for seed in seed_list:
-        cond, x0, _ = scenes[seed]
-        for level in levels:
-            todo = [s for s in layers if not (parts / f"{unit_key(s.path, level, seed)}.csv").exists()]
-            done = [s for s in layers if s not in todo]
-            for s in done:
-                frames.append(pd.read_csv(parts / f"{unit_key(s.path, level, seed)}.csv"))
-                result.skipped.append((s.path, level, seed))
-            if done and progress:
+    from interp.distributed import distributed
+
+    with distributed() as dist:
+        out, parts = dist.on_main(lambda: claim_study_folder(out, KIND, settings, FIXED, settings_file="profile.json",
+                                                             may_change="sites, noise levels and seeds", overwrite=overwrite))
+        result = ProfileResult(frame=pd.DataFrame())
+        compute_s = 0.0
+
+        def part_of(path: str, level: float, seed: int) -> Path:
+            return parts / f"{unit_key(path, level, seed)}.csv"
+
+        # A unit is one (seed, t): one forward-mode pass serves all its layers, so layers are not split apart.
+        units = [(seed, level) for seed in seed_list for level in levels]
+        pending = dist.pending(units, done=lambda u: all(part_of(s.path, u[1], u[0]).exists() for s in layers))
+        for seed, level in units:
+            done = [s for s in layers if (seed, level) not in pending or part_of(s.path, level, seed).exists()]
+            result.skipped.extend((s.path, level, seed) for s in done)
+            if done and progress and dist.is_main:
                 progress(f"skip t={level} seed={seed}: {len(done)} layers done")
-            if not todo:
-                continue
+        for seed, level in dist.share(pending):
+            cond, x0, _ = scenes[seed]
+            todo = [s for s in layers if not part_of(s.path, level, seed).exists()]
             u0 = time.perf_counter()
             df = feature_profile(den, cond, sites=[s.path for s in todo], t=[level], seeds=[seed], radius=radius,
                                  directions=directions, x0=x0)
@@ -480,17 +487,24 @@ def run_profile(
             compute_s += wall
             df.insert(0, "model", str(model))
             for s in todo:
-                part = parts / f"{unit_key(s.path, level, seed)}.csv"
-                atomic_write_csv(df[df["site"] == s.path], part)
-                frames.append(pd.read_csv(part))  # identical dtypes for fresh and resumed units
+                atomic_write_csv(df[df["site"] == s.path], part_of(s.path, level, seed))
                 result.ran.append((s.path, level, seed))
+            dist.part_written()
             if progress:
-                progress(f"done t={level} seed={seed}: {len(todo)} layers ({wall:.1f} s)")
+                progress(f"done t={level} seed={seed}: {len(todo)} layers ({wall:.1f} s)"
+                         + (f" (rank {dist.rank})" if dist.world_size > 1 else ""))
+        dist.barrier()  # every rank's parts are on disk
+        # Read back from the parts: identical dtypes for fresh and resumed units, whichever rank ran them.
+        frames = [pd.read_csv(part_of(s.path, level, seed)) for seed in seed_list for level in levels for s in layers]
+        main = dist.is_main
     frame = pd.concat(frames, ignore_index=True)
     order = {s.path: i for i, s in enumerate(layers)}
     frame = frame.sort_values(["t", "seed"], kind="stable").sort_values("site", key=lambda c: c.map(order), kind="stable")
     frame = frame.reset_index(drop=True)
     result.frame = frame
+    result.wall_s = time.perf_counter() - t0
+    if not main:  # rank 0 writes the table, figure and JSON; every rank returns the whole frame
+        return result
     result.paths["csv"] = out / "results.csv"
     atomic_write_csv(frame, out / "results.csv")
     if figures:

@@ -38,6 +38,10 @@ Output folder (claimed with :func:`interp.io.prepare_output_dir`, kind ``interve
 * ``parts/<slug>__k<k>.json`` (+ ``.npy`` of the kept samples) — one per finished (intervention, k),
   each written atomically, the ``.npy`` first: the JSON's presence *is* the completion index, so an
   interrupted sweep resumes without recomputing anything (read partial results with :func:`read_parts`);
+* several processes (``torchrun --nproc_per_node=N scorescope intervene locality-sweep ...``,
+  :mod:`interp.distributed`): rank 0 claims the folder and checks the settings, the pending (intervention, k)
+  units are split across the ranks, each on its own device, and rank 0 writes the table and figures below
+  from the parts — the same table as one process;
 * ``results.csv`` — the tidy table (:data:`COLUMNS`), ``heatmap.png`` (intervention × k of recall and of
   count accuracy), ``from_layer.png`` (recall against the first composed layer), ``samples/<slug>.png``
   (one row per k).
@@ -482,7 +486,9 @@ def run_locality_sweep(
     unknown = [r for r in refs if r not in known_names() and not Path(r).is_dir()]
     if unknown:
         raise OptionError(f"unknown reference models {unknown}; known: {', '.join(known_names())} or a model folder", "--references")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from interp.distributed import rank_device
+
+    device = rank_device(device)  # several processes: each on its own GPU (cuda:LOCAL_RANK)
     try:
         loaded = load_model(model, device=device)
     except (ValueError, FileNotFoundError) as err:
@@ -506,64 +512,95 @@ def run_locality_sweep(
         "sampler": "ddim", "counts": ks, "radii": radii, "references": refs,
     }
     settings = json.loads(json.dumps(settings))  # as stored: tuples become lists, so a resume compares equal
-    out = prepare_output_dir(out, KIND, overwrite=overwrite)
-    parts = out / "parts"
-    parts.mkdir(exist_ok=True)
-    try:
-        _check_settings(out / "sweep.json", settings)
-    except ValueError as err:
-        raise OptionError(str(err), "--out") from None
+    from interp.distributed import distributed
 
+    with distributed() as dist:
+        return _run_units(dist, model, pipe, chosen, ks, out, overwrite, settings, device, apply, n, seed, steps,
+                          batch_size, keep_images, detector, progress, figures, json_path, t0)
+
+
+def _run_units(dist: Any, model: str, pipe: Any, chosen: list[Intervention], ks: list[int], out: str | Path,
+               overwrite: bool, settings: dict[str, Any], device: str, apply: Callable[..., ContextManager[Any]],
+               n: int, seed: int, steps: int, batch_size: int, keep_images: int, detector: Any,
+               progress: Callable[[str], None] | None, figures: bool, json_path: str | Path | None, t0: float) -> SweepResult:
+    """This rank's pending units of :func:`run_locality_sweep`, then (rank 0) the table, figures and JSON."""
+    from interp.clevr.evaluate import OptionError, evaluate_length
+    from interp.clevr.metrics import MATCH_RADIUS
+    from interp.models.registry import load_model
+
+    def claim() -> Path:
+        folder = prepare_output_dir(out, KIND, overwrite=overwrite)
+        (folder / "parts").mkdir(exist_ok=True)
+        try:
+            _check_settings(folder / "sweep.json", settings)
+        except ValueError as err:
+            raise OptionError(str(err), "--out") from None
+        return folder
+
+    out = dist.on_main(claim)
+    parts = out / "parts"
+
+    def part_of(unit: tuple[Intervention, int]) -> Path:
+        return parts / f"{unit_stem(unit[0].name, unit[1])}.json"
+
+    units = [(inter, k) for inter in chosen for k in ks]
+    pending = dist.pending(units, done=lambda u: part_of(u).exists())
+    todo = dist.share(pending)
     pipes: dict[str | None, Any] = {None: pipe}
     result = SweepResult(frame=None)
+    if progress and dist.is_main:
+        for inter, k in units:
+            if (inter, k) not in pending:
+                progress(f"skip {inter.name} k={k} (done)")
+    for inter, k in todo:
+        stem = unit_stem(inter.name, k)
+        part, npy = parts / f"{stem}.json", parts / f"{stem}.npy"
+        if inter.model not in pipes:
+            pipes[inter.model] = load_model(inter.model, device=device).pipeline
+        p = pipes[inter.model]
+        u0 = time.perf_counter()
+        ctx = apply(p.unet, *inter.edits) if inter.edits else contextlib.nullcontext()
+        with ctx:
+            res = evaluate_length(p, [k], n=n, seed=seed, steps=steps, batch_size=batch_size,
+                                  radius=MATCH_RADIUS, detector=detector, model_name=inter.model or str(model),
+                                  keep_images=keep_images)
+        wall = time.perf_counter() - u0
+        stats = res["per_k"][0]
+        row = tidy_row(inter, stats)
+        imgs = res["_images"][0]
+        atomic_write(npy, _images_bytes(imgs))  # before the JSON: a finished part always has its samples
+        record = {"row": {c: _nan_to_none(v) for c, v in row.items()}, "error_hist": stats["error_hist"],
+                  "intervention": inter.describe(), "wall_s": round(wall, 3)}
+        atomic_write_json(part, record)
+        dist.part_written()
+        if progress:
+            progress(f"done {inter.name} k={k}: recall={row['recall']:.3f} count_acc={row['count_acc']:.3f} "
+                     f"placement_acc={row['placement_acc']:.3f} ({wall:.1f} s)"
+                     + (f" (rank {dist.rank})" if dist.world_size > 1 else ""))
+    dist.barrier()  # every rank's parts are on disk: read them all back, in table order
     rows: list[dict[str, Any]] = []
     images: dict[str, dict[int, np.ndarray]] = {}
     compute_s = 0.0
-    for inter in chosen:
-        for k in ks:
-            stem = unit_stem(inter.name, k)
-            part, npy = parts / f"{stem}.json", parts / f"{stem}.npy"
-            if part.exists():
-                data = json.loads(part.read_text())
-                if data["row"]["intervention"] != inter.name or data["row"]["k"] != k:
-                    raise ValueError(f"{part} holds {data['row']['intervention']!r} k={data['row']['k']}, not {inter.name!r} k={k}")
-                rows.append(data["row"])
-                compute_s += float(data.get("wall_s", 0.0))
-                if npy.exists():
-                    images.setdefault(inter.name, {})[k] = np.load(npy, allow_pickle=False)
-                result.skipped.append((inter.name, k))
-                if progress:
-                    progress(f"skip {inter.name} k={k} (done)")
-                continue
-            if inter.model not in pipes:
-                pipes[inter.model] = load_model(inter.model, device=device).pipeline
-            p = pipes[inter.model]
-            u0 = time.perf_counter()
-            ctx = apply(p.unet, *inter.edits) if inter.edits else contextlib.nullcontext()
-            with ctx:
-                res = evaluate_length(p, [k], n=n, seed=seed, steps=steps, batch_size=batch_size,
-                                      radius=MATCH_RADIUS, detector=detector, model_name=inter.model or str(model),
-                                      keep_images=keep_images)
-            wall = time.perf_counter() - u0
-            stats = res["per_k"][0]
-            row = tidy_row(inter, stats)
-            imgs = res["_images"][0]
-            atomic_write(npy, _images_bytes(imgs))  # before the JSON: a finished part always has its samples
-            record = {"row": {c: _nan_to_none(v) for c, v in row.items()}, "error_hist": stats["error_hist"],
-                      "intervention": inter.describe(), "wall_s": round(wall, 3)}
-            atomic_write_json(part, record)
-            rows.append(record["row"])
+    for inter, k in units:
+        part = part_of((inter, k))
+        npy = part.with_suffix(".npy")
+        data = json.loads(part.read_text())
+        if data["row"]["intervention"] != inter.name or data["row"]["k"] != k:
+            raise ValueError(f"{part} holds {data['row']['intervention']!r} k={data['row']['k']}, not {inter.name!r} k={k}")
+        rows.append(data["row"])
+        compute_s += float(data.get("wall_s", 0.0))
+        if npy.exists():
             images.setdefault(inter.name, {})[k] = np.load(npy, allow_pickle=False)
-            compute_s += wall
-            result.ran.append((inter.name, k))
-            if progress:
-                progress(f"done {inter.name} k={k}: recall={row['recall']:.3f} count_acc={row['count_acc']:.3f} "
-                         f"placement_acc={row['placement_acc']:.3f} ({wall:.1f} s)")
-
+    # ran: by any rank in this launch; skipped: finished before it (resumed)
+    result.ran = [(i.name, k) for i, k in pending]
+    result.skipped = [(i.name, k) for i, k in units if (i, k) not in pending]
     import pandas as pd
 
     frame = pd.DataFrame(rows, columns=list(COLUMNS)).astype({"radius": float})
     result.frame = frame
+    if not dist.is_main:  # rank 0 writes the table, figures and JSON (every rank returns the table)
+        result.wall_s = time.perf_counter() - t0
+        return result
     result.paths["csv"] = atomic_write(out / "results.csv", frame.to_csv(index=False))
     if figures and len(frame):
         result.paths["heatmap"] = heatmap(frame, out / "heatmap.png")

@@ -82,3 +82,39 @@ def test_cli_compare_plots_several_results_and_rejects_bad_input(tmp_path):
     assert res.exit_code != 0 and "mean_extra" in res.output  # names the metrics that exist
     res = CliRunner().invoke(app, ["clevr", "compare", str(tmp_path / "missing.json")])
     assert res.exit_code != 0 and "clevr eval" in res.output
+
+
+def test_batch_units_and_parts_give_the_numbers_of_whole_k_sampling(tmp_path):
+    """Each (k, batch) unit alone, through part files and after a resume, gives what sampling all of k at once gives."""
+    from interp.clevr.detect import detect
+    from interp.clevr.evaluate import OptionError, generate
+    from interp.clevr.metrics import count_stats
+
+    pipe = clevr_pipeline("tiny", seed=0)
+    kw = dict(n=5, steps=2, seed=5, batch_size=2, keep_images=3)
+    mem = evaluate_length(pipe, [1, 3], **kw)
+    for row, k in zip(mem["per_k"], [1, 3]):  # the evaluation as it was before units: one generate + detect per k
+        req = request_sets(k, 5, 5)
+        imgs = generate(pipe, req, seed=5 * 1000 + k, steps=2, batch_size=2)
+        assert json.dumps(row) == json.dumps(count_stats(k, req, detect(imgs).positions).as_dict())
+    lines: list[str] = []
+    on_disk = evaluate_length(pipe, [1, 3], parts=tmp_path / "p", progress=lines.append, **kw)
+    assert len(lines) == 6 and json.dumps(on_disk["per_k"]) == json.dumps(mem["per_k"])
+    assert (on_disk["_images"] == mem["_images"]).all()
+    (tmp_path / "p" / "k03_b000002.safetensors").unlink()  # an interrupted run: one unit missing
+    lines.clear()
+    again = evaluate_length(pipe, [1, 3], parts=tmp_path / "p", progress=lines.append, **kw)
+    assert lines == ["done k=3 scenes 2…"] and json.dumps(again["per_k"]) == json.dumps(mem["per_k"])
+    with pytest.raises(OptionError, match=r"'n': \(5, 4\)") as err:
+        evaluate_length(pipe, [1, 3], parts=tmp_path / "p", **dict(kw, n=4))
+    assert err.value.option == "--parts"
+
+
+def test_parts_keep_the_colours_read_for_colour_models(tmp_path):
+    from interp.clevr.train import build_pipeline, get_recipe
+
+    pipe = build_pipeline(get_recipe("colour"), seed=0)
+    kw = dict(n=3, steps=1, seed=2, batch_size=2, keep_images=1)
+    mem = evaluate_length(pipe, [2], **kw)
+    on_disk = evaluate_length(pipe, [2], parts=tmp_path / "p", **kw)
+    assert "colour_acc" in mem["per_k"][0] and json.dumps(on_disk["per_k"]) == json.dumps(mem["per_k"])

@@ -134,3 +134,13 @@ def test_gpu_recipes_build_and_take_a_step(tmp_path, name):
     assert res.step == 1 and torch.isfinite(torch.tensor(res.losses)).all()
     pipe = load_model(str(res.pipeline_dir)).pipeline
     assert pipe.unet.config.sample_size == 64
+
+
+@pytest.mark.parametrize("name, expected", [("exp1", ["0.634998", "0.301502", "0.693194"])])
+def test_one_process_loss_log_is_unchanged_by_the_multi_process_sharding(tmp_path, name, expected):
+    # Recorded (1 thread) from train() before ranks took shards of one global batch: the one-process path must
+    # give the very same numbers, since shipped checkpoints and running trainings resume on it.
+    res = train(get_recipe(name, steps=3, batch_size=4, checkpoint_every=3), tmp_path / name, seed=3, progress=False)
+    rows = list(csv.DictReader((tmp_path / name / "loss.csv").open()))
+    assert [r["loss"] for r in rows] == expected
+    assert [f"{v:.6f}" for v in res.losses] == expected
