@@ -154,6 +154,91 @@ def worker_overhead(cfg: dict[str, Any]) -> dict[str, Any]:
             "latent_hw": [size, size], "pipeline_steps": steps, "cfg_batch": 2}
 
 
+def _blob_store_class() -> type:
+    """The committed ``ShardedStore`` flush, kept here as the "before" of issue 14: the whole shard serialised
+    into one bytes blob, written and fsynced on the sampling thread (64 MiB shards by default)."""
+    from interp.io import atomic_write, atomic_write_json
+    from interp.store import ShardedStore
+
+    class BlobStore(ShardedStore):
+        def _flush(self, *, wait: bool) -> None:
+            if not self._buffer:
+                return
+            from safetensors.torch import save
+
+            name = f"shard-{self._n_shards:05d}"
+            blob = save({k.encode(): t for k, t in self._buffer.items()}, metadata={"format": "scorescope-activations"})
+            atomic_write(self.root / f"{name}.safetensors", blob)
+            sidecar = {k.encode(): {"shape": list(t.shape), "dtype": self._described[k][1], "bytes": self._described[k][2]}
+                       for k, t in self._buffer.items()}
+            atomic_write_json(self.root / f"{name}.json", sidecar, indent=None)
+            for k in self._buffer:
+                self._where[k] = f"{name}.safetensors"
+            self._written_bytes += self._buffer_bytes
+            self._buffer, self._buffer_bytes = {}, 0
+            self._n_shards += 1
+            self._write_index()
+
+    return BlobStore
+
+
+def _stream_store(kind: str, root: Path, shard_mib: float | None) -> Any:
+    """What a worker passes as ``store=``: the default (a folder), or the "before" blob store."""
+    if kind == "stream":  # the default settings: capture opens the folder store itself
+        return root
+    if kind == "stream-before":
+        return _blob_store_class()(root, shard_bytes=int((shard_mib or 64) * 2**20))
+    raise ValueError(kind)
+
+
+def worker_stream_time(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Plain sampling of a CLEVR model vs the same run streaming every ``attn2`` output to disk, interleaved."""
+    _setup(cfg["threads"])
+    import shutil
+
+    import torch  # noqa: F401
+
+    from interp.capture import capture
+    from interp.models.registry import load_model
+    from interp.sampling import sample
+
+    pipe = load_model(cfg["clevr_model"]).pipeline
+    den = pipe.denoiser()
+    cond = pipe.conditioning([[0.25, 0.3], [0.7, 0.75]])
+    size = den.unet.config.get("sample_size", 32)
+    call = dict(shape=(1, den.unet.config.get("in_channels", 3), size, size), num_steps=cfg["clevr_steps"], seed=0)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    runs = [0]
+
+    def plain() -> Any:
+        with torch.no_grad():
+            return sample(den, cond, **call)
+
+    def streamed(kind: str) -> Callable[[], Any]:
+        def run() -> Any:
+            runs[0] += 1
+            root = tmp / f"{kind}-{runs[0]}"
+            with torch.no_grad(), capture(den, SITES, store=_stream_store(kind, root, None), budget=None) as cap:
+                sample(den, cond, **call)
+            cap.store.close()  # the "before" store is the caller's (idempotent for the default one)
+            shutil.rmtree(root)  # created by this run
+            return cap
+
+        return run
+
+    try:
+        times = _side_by_side({"plain": plain, "streamed (default)": streamed("stream"),
+                               "streamed (before: blob, 64 MiB, sampling thread)": streamed("stream-before")},
+                              cfg["repeats_pipeline"])
+        with torch.no_grad(), capture(den, SITES) as cap:
+            sample(den, cond, **call)
+        captured = cap.store.nbytes
+    finally:
+        shutil.rmtree(tmp)
+    return {"times": times, "model": cfg["clevr_model"], "steps": cfg["clevr_steps"], "captured_mib": captured / 2**20,
+            "ratios": {k: v["median_s"] / times["plain"]["median_s"] for k, v in times.items()}}
+
+
 def worker_memory(cfg: dict[str, Any]) -> dict[str, Any]:
     """Part (b): one capture of every attn2 output over ``steps`` steps; growth of the peak RSS."""
     _setup(cfg["threads"])
@@ -161,7 +246,6 @@ def worker_memory(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from interp.capture import capture
     from interp.nnsight_backend import capture_pipeline_nnsight
-    from interp.store import ShardedStore
 
     steps, backend, kind = cfg["steps"], cfg["backend"], cfg["store"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,8 +256,8 @@ def worker_memory(cfg: dict[str, Any]) -> dict[str, Any]:
         pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0), **call)
         base = _peak_rss_mib()
         store: Any = "memory"
-        if kind == "stream":
-            store = ShardedStore(Path(tmp) / "acts", shard_bytes=int(cfg["shard_mib"] * 2**20))
+        if kind != "memory":
+            store = _stream_store(kind, Path(tmp) / "acts", cfg["shard_mib"])
         t0 = time.perf_counter()
         if backend == "torch":
             with capture(pipe, SITES, store=store, budget=None) as cap:
@@ -216,46 +300,60 @@ def _machine(threads: int) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The tables printed at the end (and meant for docs/BENCHMARKS.md)."""
+    """The tables printed at the end (and meant for docs/BENCHMARKS.md); sections that did not run are left out."""
     m = result["machine"]
-    ov = result["overhead"]
     lines = [
         f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}, nnsight {m['nnsight']}, "
         f"{m['torch_threads']} torch thread(s), load average at start {m['load_avg_at_start'][0]:.1f}; {result['date']}",
-        "",
-        f"Capture overhead: every `attn2` output ({ov['n_modules']} modules), tiny SDXL, CFG batch 2, "
-        f"median of {ov['unet_forward']['plain']['runs']} / {ov['pipeline']['plain']['runs']} interleaved runs",
-        "",
-        "| workload | plain | torch hooks | nnsight | nnsight, held envoy |",
-        "|---|---|---|---|---|",
     ]
-    for label, key, unit, scale in (("U-Net forward", "unet_forward", "ms", 1e3),
-                                    (f"pipeline, {ov['pipeline_steps']} steps", "pipeline", "s", 1)):
-        t = ov[key]
-        base = t["plain"]["median_s"]
-        cells = []
-        for name in ("plain", "torch hooks", "nnsight", "nnsight, held envoy"):
-            if name not in t:
-                cells.append("—")
+    ov = result.get("overhead")
+    if ov:
+        lines += [
+            "",
+            f"Capture overhead: every `attn2` output ({ov['n_modules']} modules), tiny SDXL, CFG batch 2, "
+            f"median of {ov['unet_forward']['plain']['runs']} / {ov['pipeline']['plain']['runs']} interleaved runs",
+            "",
+            "| workload | plain | torch hooks | nnsight | nnsight, held envoy |",
+            "|---|---|---|---|---|",
+        ]
+        for label, key, unit, scale in (("U-Net forward", "unet_forward", "ms", 1e3),
+                                        (f"pipeline, {ov['pipeline_steps']} steps", "pipeline", "s", 1)):
+            t = ov[key]
+            base = t["plain"]["median_s"]
+            cells = []
+            for name in ("plain", "torch hooks", "nnsight", "nnsight, held envoy"):
+                if name not in t:
+                    cells.append("—")
+                    continue
+                v = t[name]["median_s"]
+                cells.append(f"{v * scale:.3g} {unit}" + ("" if name == "plain" else f" (×{v / base:.2f})"))
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    st = result.get("stream_time")
+    if st:
+        lines += ["", f"Streamed capture vs plain sampling: {st['model']}, {st['steps']} steps, every `attn2` "
+                      f"({st['captured_mib']:.1f} MiB), median of {st['times']['plain']['runs']} interleaved runs", "",
+                  "| variant | median | × plain |", "|---|---|---|"]
+        for k, v in st["times"].items():
+            lines.append(f"| {k} | {v['median_s']:.3f} s | {st['ratios'][k]:.3f} |")
+    mem = result.get("memory") or []
+    if mem:
+        variants = list(dict.fromkeys((r["backend"], r["store"]) for r in mem))
+        lines += [
+            "",
+            "Peak RSS growth over a warm-up run (MiB), every `attn2` output of tiny SDXL; stream = the default "
+            "settings (`store=folder`), stream-before = the committed writer (64 MiB blob shards on the sampling "
+            "thread); fresh process per cell",
+            "",
+            "| steps | captured | " + " | ".join(f"{b}, {s}" for b, s in variants) + " |",
+            "|---|---|" + "---|" * len(variants),
+        ]
+        for steps in result["config"]["memory_steps"]:
+            row = {(r["backend"], r["store"]): r for r in mem if r["steps"] == steps}
+            if not row:
                 continue
-            v = t[name]["median_s"]
-            cells.append(f"{v * scale:.3g} {unit}" + ("" if name == "plain" else f" (×{v / base:.2f})"))
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    mem = result["memory"]
-    lines += [
-        "",
-        f"Peak RSS growth over a warm-up run (MiB), every `attn2` output, streamed = `ShardedStore` with "
-        f"{result['config']['shard_mib']} MiB shards; fresh process per cell",
-        "",
-        "| steps | captured | torch, memory | torch, streamed | nnsight, memory | nnsight, streamed |",
-        "|---|---|---|---|---|---|",
-    ]
-    for steps in result["config"]["memory_steps"]:
-        row = {(r["backend"], r["store"]): r for r in mem if r["steps"] == steps}
-        captured = next(iter(row.values()))["captured_mib"]
-        cells = [f"{row[(b, s)]['growth_mib']:.1f}" if (b, s) in row else "—"
-                 for b in ("torch", "nnsight") for s in ("memory", "stream")]
-        lines.append(f"| {steps} | {captured:.1f} | " + " | ".join(cells) + " |")
+            captured = next(iter(row.values()))["captured_mib"]
+            cells = [f"{row[v]['growth_mib']:.1f}" if v in row else "—" for v in variants]
+            lines.append(f"| {steps} | {captured:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -266,30 +364,42 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats-forward", type=int, default=11)
     ap.add_argument("--repeats-pipeline", type=int, default=5)
     ap.add_argument("--pipeline-steps", type=int, default=30)
-    ap.add_argument("--memory-steps", type=int, nargs="+", default=[10, 30, 100])
-    ap.add_argument("--shard-mib", type=float, default=4.0)
-    ap.add_argument("--memory-variants", nargs="+", default=["torch:memory", "torch:stream", "nnsight:stream"],
-                    help="backend:store pairs measured at every step count (store: memory | stream)")
+    ap.add_argument("--memory-steps", type=int, nargs="+", default=[10, 50, 100])
+    ap.add_argument("--shard-mib", type=float, default=None,
+                    help="shard size of the 'stream-before' store (default 64, the committed default)")
+    ap.add_argument("--memory-variants", nargs="+", default=["torch:memory", "torch:stream", "torch:stream-before"],
+                    help="backend:store pairs measured at every step count (store: memory | stream (the default "
+                         "settings: a folder) | stream-before (the committed blob writer))")
+    ap.add_argument("--clevr-model", default="exp1")
+    ap.add_argument("--clevr-steps", type=int, default=20)
+    ap.add_argument("--only", default="overhead,stream_time,memory")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
         cfg = json.loads(args.worker)
-        fn = worker_overhead if cfg["kind"] == "overhead" else worker_memory
+        fn = {"overhead": worker_overhead, "stream_time": worker_stream_time, "memory": worker_memory}[cfg["kind"]]
         print(MARK + json.dumps(fn(cfg)), flush=True)
         return
 
     t0 = time.perf_counter()
     config = {"threads": args.threads, "repeats_forward": args.repeats_forward,
+              "clevr_model": args.clevr_model, "clevr_steps": args.clevr_steps,
               "repeats_pipeline": args.repeats_pipeline, "pipeline_steps": args.pipeline_steps,
               "memory_steps": args.memory_steps, "shard_mib": args.shard_mib,
               "memory_variants": args.memory_variants}
     result: dict[str, Any] = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                               "machine": _machine(args.threads), "config": config}
-    print("overhead ...", file=sys.stderr, flush=True)
-    result["overhead"] = _in_subprocess({"kind": "overhead", **config})
+    sections = set(args.only.split(","))
+    if "overhead" in sections:
+        print("overhead ...", file=sys.stderr, flush=True)
+        result["overhead"] = _in_subprocess({"kind": "overhead", **config})
+    if "stream_time" in sections:
+        print("stream time ...", file=sys.stderr, flush=True)
+        result["stream_time"] = _in_subprocess({"kind": "stream_time", **config})
+        print(json.dumps(result["stream_time"], indent=1), file=sys.stderr, flush=True)
     result["memory"] = []
-    for steps in args.memory_steps:
+    for steps in args.memory_steps if "memory" in sections else []:
         for variant in args.memory_variants:
             backend, store = variant.split(":")
             print(f"memory: {backend} {store} {steps} steps ...", file=sys.stderr, flush=True)

@@ -26,6 +26,12 @@ Run on demand (not a test)::
     Agreement between the two on the probed pixels: cosine similarity and sign agreement (on entries
     above 1 % of the max). For reference, the exact Frobenius JVP map (``directions="all"``) is timed too.
 
+(d) **Speed** (``--only speed``, issue 14) on ``--speed-model`` (default the shipped exp1): 16-pixel (48-row)
+    and all-row Jacobians, conditional maps (attribution, JVP with 8 random directions, ablation; k = 2),
+    each timed interleaved against the hand-written references of ``bench/reference_impls.py`` and the
+    committed code (``git show HEAD:...``, the "before"), medians of ``--repeats``; plus the growth of one
+    dense row's cost from 32² to 64². ``--only compressed_shipped``: compressed vs dense on shipped exp3/exp1.
+
 Intra-op threads: ``--threads`` (default 1). On a 2-core machine shared with other processes, two threads
 made a tiny U-Net forward ~100× slower through OpenMP barrier contention; one thread is the honest setting.
 The JSON holds the machine, the settings and all numbers; a Markdown table is printed.
@@ -47,6 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/reference_impls.py
 
 from interp.models import clevr_pipeline  # noqa: E402
 from probes import compressed_jacobian, conditional_locality, integrated_gradients_map, pixel_jacobian  # noqa: E402
@@ -214,6 +221,159 @@ def compare_checkpoints(names: list[str], levels: list[float], seeds: int, direc
     return rows
 
 
+# --------------------------------------------------------------------------- speed (issue 14)
+
+
+def _head_module(path: str, name: str):
+    """The committed (HEAD) version of one of our modules, imported under ``name``: the "before" side of a
+    before/after ratio measured in the same process, interleaved with the current code."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    src = subprocess.run(["git", "show", f"HEAD:{path}"], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    folder = Path(tempfile.mkdtemp(prefix="bench-head-"))
+    (folder / f"{name}.py").write_text(src)
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _interleaved(variants: dict, repeats: int) -> dict:
+    """Median / min seconds per variant, round-robin after one warm-up round (load hits every variant alike)."""
+    for fn in variants.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for k, fn in variants.items():
+            times[k].append(timed(fn)[1])
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "runs": len(v)} for k, v in times.items()}
+
+
+def _ratios(t: dict, ref: str) -> dict:
+    return {k: v["median_s"] / t[ref]["median_s"] for k, v in t.items()}
+
+
+def bench_speed(model: str, repeats: int, loop_rows: int) -> dict:
+    """Every figure of issue 14, each as ratios against a hand-written reference (bench/reference_impls.py),
+    the committed code ("before", imported from git HEAD) and the current code ("after") side by side."""
+    import reference_impls as ref
+
+    from interp.inputs import pixel_list
+    from interp.models.registry import load_model
+
+    old_jac = _head_module("probes/jacobian.py", "head_jacobian")
+    old_cond = _head_module("probes/conditional.py", "head_conditional")
+    pipe = load_model(model).pipeline
+    den = pipe.denoiser(name=model)
+    cond = pipe.conditioning([[0.25, 0.3], [0.7, 0.75]])
+    x, ts = forward_samples(den, 0.5, [0])
+    C, H, W = x.shape[1:]
+    out: dict = {"model": model}
+
+    # (1) 16 pixels = 48 rows
+    px = pixel_list([(4 + 8 * (i // 4), 4 + 8 * (i % 4)) for i in range(16)], (H, W))
+    cot = ref.one_hot_rows(px, (C, H, W))
+    a = pixel_jacobian(den, cond, x_t=x, timestep=ts, pixels=px)
+    b = ref.rows_vjp_vmap(den, x, ts, cond, cot)
+    t = _interleaved({
+        "reference vjp+vmap (frozen)": lambda: ref.rows_vjp_vmap(den, x, ts, cond, cot),
+        "before (HEAD)": lambda: old_jac.pixel_jacobian(den, cond, x_t=x, timestep=ts, pixels=px),
+        "after": lambda: pixel_jacobian(den, cond, x_t=x, timestep=ts, pixels=px),
+    }, repeats)
+    out["few_pixels"] = {"rows": int(cot.shape[0]), "times": t, "ratio_to_reference": _ratios(t, "reference vjp+vmap (frozen)"),
+                         "max_abs_diff": float((a[0].reshape(b.shape) - b).abs().max())}
+    print(json.dumps(out["few_pixels"], indent=1), flush=True)
+
+    # (2) all rows
+    rows = C * H * W
+    t = _interleaved({
+        "reference jacrev(chunk_size=32) (frozen)": lambda: ref.rows_jacrev(den, x, ts, cond),
+        "before (HEAD)": lambda: old_jac.pixel_jacobian(den, cond, x_t=x, timestep=ts, pixels="all"),
+        "after": lambda: pixel_jacobian(den, cond, x_t=x, timestep=ts, pixels="all"),
+    }, max(1, repeats // 3))
+    floor = ref.one_vjp_seconds(den, x, ts, cond, 15) * rows
+    idx = torch.linspace(0, rows - 1, loop_rows).long()
+    _, t_loop = timed(lambda: ref.rows_loop(den, x, ts, cond, idx))
+    t["floor: rows x one VJP"] = {"median_s": floor}
+    t["per-row loop (scaled)"] = {"median_s": t_loop * rows / loop_rows, "rows_measured": loop_rows}
+    out["all_rows"] = {"rows": rows, "times": t, "ratio_to_jacrev": _ratios(t, "reference jacrev(chunk_size=32) (frozen)"),
+                       "after_over_floor": t["after"]["median_s"] / floor}
+    print(json.dumps(out["all_rows"], indent=1), flush=True)
+
+    # (3) conditional maps, k = 2, one sample
+    from probes.conditional import direction_set
+
+    moves = torch.zeros(cond.k, *cond.tokens.shape)
+    for j in range(cond.k):
+        idx_j = cond.token_indices(j)
+        moves[j, idx_j] = cond.tokens[idx_j]
+    dirs = torch.cat([direction_set(cond, j, 8, seed=j)[0] for j in range(cond.k)])
+    maps_out = {}
+    for kind, refs, kw in (
+        ("attribution", {"reference forward (jvp)": lambda: ref.jvp_forward(den, x, ts, cond, moves),
+                         "reference reverse (double backward)": lambda: ref.jvp_reverse(den, x, ts, cond, moves)},
+         dict(maps=("attribution",))),
+        ("jvp", {"reference forward (jvp)": lambda: ref.jvp_forward(den, x, ts, cond, dirs),
+                 "reference reverse (double backward)": lambda: ref.jvp_reverse(den, x, ts, cond, dirs)},
+         dict(maps=("jvp",), directions=8)),
+        ("ablation", {"reference k+1 forwards": lambda: ref.ablation_forwards(den, x, ts, cond)}, dict(maps=("ablation",))),
+    ):
+        variants = dict(refs)
+        variants["before (HEAD)"] = lambda kw=kw: old_cond.conditional_locality(den, cond, x_t=x, timestep=ts, **kw)
+        variants["after (auto)"] = lambda kw=kw: conditional_locality(den, cond, x_t=x, timestep=ts, **kw)
+        if kind != "ablation":
+            variants["after, mode=forward"] = lambda kw=kw: conditional_locality(den, cond, x_t=x, timestep=ts, mode="forward", **kw)
+        t = _interleaved(variants, repeats)
+        best = min((k for k in refs), key=lambda k: t[k]["median_s"])
+        entry = {"times": t, "fastest_reference": best, "ratio_to_fastest_reference": _ratios(t, best)}
+        if kind != "ablation":
+            f = conditional_locality(den, cond, x_t=x, timestep=ts, mode="forward", **kw)[kind]
+            r = conditional_locality(den, cond, x_t=x, timestep=ts, mode="reverse", **kw)[kind]
+            entry["mode_auto"] = conditional_locality(den, cond, x_t=x, timestep=ts, **kw).metadata["mode"]
+            entry["forward_vs_reverse_max_abs_diff"] = float((f - r).abs().max())
+            entry["map_max_abs"] = float(f.abs().max())
+        maps_out[kind] = entry
+        print(kind, json.dumps(entry, indent=1), flush=True)
+    out["conditional"] = maps_out
+
+    # (4) cost growth of one dense row, 32² vs 64² (tiny CLEVR preset, random init)
+    growth = {}
+    for size in (32, 64):
+        p2 = clevr_pipeline("tiny", seed=0, sample_size=size)
+        d2 = p2.denoiser()
+        c2 = p2.conditioning([[0.25, 0.3], [0.7, 0.75]])
+        x2, t2 = forward_samples(d2, 0.5, [0])
+        growth[size] = ref.one_vjp_seconds(d2, x2, t2, c2, 15)
+    out["row_cost_growth"] = {"one_vjp_s": growth, "ratio_64_over_32": growth[64] / growth[32]}
+    print(json.dumps(out["row_cost_growth"], indent=1), flush=True)
+    return out
+
+
+def bench_compressed_shipped(names: list[str]) -> list[dict]:
+    """Compressed vs dense on shipped checkpoints (exp3: its measured receptive radius; others: radius 4)."""
+    from interp.models.clevr_local import ClevrLocalUNet, receptive_radius_px
+    from interp.models.registry import load_model
+
+    rows = []
+    for name in names:
+        pipe = load_model(name).pipeline
+        den = pipe.denoiser(name=name)
+        cond = pipe.conditioning([[0.25, 0.3], [0.7, 0.75]])
+        radius = receptive_radius_px(den.unet) if isinstance(den.unet, ClevrLocalUNet) else 4
+        x, ts = forward_samples(den, 0.5, [0])
+        dense, t_dense = timed(lambda: pixel_jacobian(den, cond, x_t=x, timestep=ts, pixels="all"))
+        comp, t_comp = timed(lambda: compressed_jacobian(den, cond, x_t=x, timestep=ts, radius_px=radius))
+        rows.append({"model": name, "radius": radius, "dense_passes": comp.dense_passes, "compressed_passes": comp.passes,
+                     "check_passes": comp.check_passes, "certified_fraction": float(comp.certified.float().mean()),
+                     "dense_s": t_dense, "compressed_s": t_comp, "pass_ratio": comp.dense_passes / comp.passes,
+                     "time_ratio": t_dense / t_comp, "max_abs_diff": float((comp.jacobian - dense).abs().max())})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None)
@@ -227,6 +387,7 @@ def main() -> None:
     ap.add_argument("--only", default="jacobian,compressed,conditional", help="sections to run")
     ap.add_argument("--levels", default="0.9,0.5,0.1")
     ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--speed-model", default="exp1", help="model of the speed section (a shipped name)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.checkpoints:
@@ -252,6 +413,10 @@ def main() -> None:
     if "compressed" in sections:
         res["compressed"] = bench_compressed(args.size)
         print(json.dumps(res["compressed"], indent=1), flush=True)
+    if "speed" in sections:
+        res["speed"] = bench_speed(args.speed_model, args.repeats, args.loop_rows)
+    if "compressed_shipped" in sections:
+        res["compressed_shipped"] = bench_compressed_shipped(["exp3", "exp1"])
     if "conditional" in sections:
         res["conditional"] = bench_conditional(args.ig_pixels)
         print(json.dumps(res["conditional"], indent=1), flush=True)

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from interp.context import UNetCall, batched_cfg_branches, current_call
 from interp.hooks import HookSet, primary_tensor
 from interp.site import Site, SiteError, as_sites, resolve_paths
-from interp.store import ActivationKey, ActivationStore, MemoryStore, ShardedStore
+from interp.store import DEFAULT_SHARD_BYTES, ActivationKey, ActivationStore, MemoryStore, ShardedStore
 from interp.validation import format_bytes, parse_bytes
 
 log = logging.getLogger(__name__)
@@ -411,8 +411,14 @@ class Capture:
             part = site.select(tensor[rows], state.image_hw).detach()
             if self.store_dtype is not None:
                 part = part.to(self.store_dtype)
-            # Always a copy: the model may reuse or modify its buffers after the hook returns.
-            part = part.to("cpu", copy=True).contiguous() if part.device.type != "cpu" else part.clone()
+            # Always a copy: the model may reuse or modify its buffers after the hook returns. A disk store takes
+            # a CUDA tensor itself and copies it into pinned memory without blocking (ordered on the stream).
+            if part.device.type == "cuda" and isinstance(self.store, ShardedStore):
+                part = part.contiguous()
+            elif part.device.type != "cpu":
+                part = part.to("cpu", copy=True).contiguous()
+            else:
+                part = part.clone()
             self._put(ActivationKey(name, state.step, branch, state.index), part)
 
     def _check_selections(self) -> None:
@@ -460,7 +466,8 @@ class Capture:
             )
         root = self.spill_dir or Path(tempfile.mkdtemp(prefix="scorescope-capture-"))
         log.warning("%s; streaming to %s", msg, root)
-        disk = ShardedStore(root, metadata=self.store.metadata, shard_bytes=min(self.budget or 2**26, 2**26))
+        disk = ShardedStore(root, metadata=self.store.metadata, background=True,
+                            shard_bytes=min(self.budget or DEFAULT_SHARD_BYTES, DEFAULT_SHARD_BYTES))
         for k, t in self.store.items():
             disk.put(k, t)
         self.store = disk
@@ -512,7 +519,8 @@ def capture(
     Args:
         target: a :class:`~interp.Denoiser`, a diffusers pipeline, or the U-Net module itself.
         sites: :class:`~interp.Site` objects or path/glob strings (``"*.attn2"``).
-        store: ``"memory"``, a folder to stream safetensors shards into, or an ActivationStore.
+        store: ``"memory"``, a folder to stream safetensors shards into (16 MiB shards written by a background
+            thread, :class:`~interp.store.ShardedStore` with ``background=True``), or an ActivationStore.
         budget: memory budget for captured tensors (bytes > 0 or ``"4GiB"``); ``None`` for no limit.
         on_over_budget: ``"stream"`` spills to disk (``spill_dir`` or a temp folder); ``"raise"`` refuses.
         cfg: CFG shape of calls not announced by a Denoiser (raw pipeline / U-Net calls):
@@ -557,7 +565,7 @@ def capture(
     elif store == "memory":
         st = MemoryStore(metadata=meta)
     else:
-        st = ShardedStore(Path(store), metadata=meta)
+        st = ShardedStore(Path(store), metadata=meta, background=True)  # shards written off the sampling thread
     if count_steps is None:
         count_steps = not isinstance(target, nn.Module) and not hasattr(target, "predict")
     return Capture(

@@ -18,17 +18,27 @@ Restoration is exact on every exit path and in any order: the hooks belong to th
 reference-counted here — the first context to enter saves the backends, the last one to leave restores them,
 whatever order contexts close in (threads, generators, ``ExitStack``).
 
-Reverse mode does not need any of this (the fused kernels have backward rules); the Jacobian probes enter
-it only on request (``derivative_ready=True``).
+Reverse mode does not need the forward-mode rules, but *batched* reverse mode (``vmap`` over a pullback) does
+meet the same wall on CUDA: the fused SDPA backward kernels (flash / memory-efficient) have no ``vmap`` batching
+rule (pytorch/pytorch#117016, open; #176265 proposes one), so a batched VJP falls back to one kernel call per
+cotangent row. :func:`derivative_ready_default` therefore turns the math backend on by default on CUDA; on the
+CPU the fused backward, though also unbatched, measured no slower than math SDPA, so it stays off there.
+
+:func:`frozen_parameters` switches ``requires_grad`` off for a model's parameters while a derivative probe builds
+its graph: a Jacobian with respect to the *input* never needs parameter gradients, and a graph that tracks them
+makes every batched pullback build (and throw away) a higher-order graph. ``requires_grad`` is restored on every
+exit path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from interp.hooks import HookSet
@@ -96,4 +106,52 @@ def forward_mode_ready(model: nn.Module) -> Iterator[nn.Module]:
             _exit_math_sdpa()
 
 
-__all__ = ["forward_mode_ready", "sdpa_backends"]
+@contextlib.contextmanager
+def frozen_parameters(*modules: nn.Module) -> Iterator[list[nn.Parameter]]:
+    """Within the block, no parameter of ``modules`` requires grad; each one that did is switched back on exit.
+
+    Only parameters that required grad on entry are touched (a frozen layer stays frozen), so nested blocks and
+    shared parameters restore exactly. Restoration runs on every exit path (exceptions, generators closed early).
+
+    Yields:
+        the parameters that were switched off (for tests).
+    """
+    seen: set[int] = set()
+    switched: list[nn.Parameter] = []
+    for module in modules:
+        for p in module.parameters():
+            if id(p) not in seen and p.requires_grad:
+                seen.add(id(p))
+                switched.append(p)
+    try:
+        for p in switched:
+            p.requires_grad_(False)
+        yield switched
+    finally:
+        for p in switched:
+            p.requires_grad_(True)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a model with neither."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def derivative_ready_default(device: torch.device | str) -> bool:
+    """Whether the probes differentiate inside :func:`forward_mode_ready` by default on ``device``.
+
+    ``True`` on CUDA (the fused SDPA backward has no ``vmap`` batching rule there, see the module docstring),
+    ``False`` elsewhere (on the CPU the fused backward measured no slower; unmeasured on CUDA, no GPU here).
+    """
+    return torch.device(device).type == "cuda"
+
+
+def forward_chunk_default(device: torch.device | str) -> int:
+    """Forward-mode tangents pushed together by default: 8 on the CPU (batching buys little on two cores,
+    PITFALLS.md), 64 on CUDA (wide batches are what a GPU needs; unmeasured here, no GPU)."""
+    return 64 if torch.device(device).type == "cuda" else 8
+
+
+__all__ = ["derivative_ready_default", "forward_chunk_default", "forward_mode_ready", "frozen_parameters",
+           "model_device", "sdpa_backends"]

@@ -2,10 +2,22 @@
 
 A capture of every ``attn2`` output of SDXL over 30 steps is tens of gigabytes; it cannot live in RAM.
 :class:`ShardedStore` buffers tensors up to ``shard_bytes`` and then writes one safetensors shard and its
-small JSON sidecar, each atomically (:func:`interp.io.atomic_write`), so memory stays flat however long
+small JSON sidecar, each atomically (temporary file, fsync, rename), so memory stays flat however long
 the run, and a crash leaves every flushed shard readable. :class:`MemoryStore` is the
 default for small captures. Both answer the same questions: ``store[key]``, ``store.get(site, step,
 branch)``, ``store.stack(site)``, ``store.frame()``.
+
+Writing in the background *(``background=True``; what :func:`interp.capture.capture` uses for the stores
+it opens)*: a full buffer is handed to one writer thread, which writes the shard straight into its temporary
+file (``safetensors.torch.save_file`` from the tensors' own memory: no serialised copy), fsyncs it, renames
+it into place, then writes the sidecar and the index — so the sampling thread never waits for the disk unless
+the previous shard is still being written (at most one shard is in flight: RAM stays below about twice
+``shard_bytes``). A write error is re-raised in the caller at its next ``put``/``flush``/``close``, and the
+store is marked aborted. A crash then loses the unflushed buffer and at most the one shard being written;
+every shard already renamed into place stays readable, with its sidecar. :meth:`ShardedStore.flush` and
+:meth:`~ShardedStore.close` return only when everything handed over is on disk. On CUDA, ``put`` copies a
+device tensor into pinned host memory without blocking and the writer waits for that copy (code path not
+measured: no GPU here).
 
 A store says whether it is whole: ``store.complete`` is ``False`` for a capture that ended by an exception
 (``store.aborted`` holds ``"<ExceptionType>: message"``) or, on disk, for a writer that never closed its
@@ -16,9 +28,12 @@ lacks shards or sidecars, naming the missing files.
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +41,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from interp.io import atomic_write, atomic_write_json
+from interp.io import _umask
 
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
+#: Default shard size: RAM of a streamed capture stays near 2× this (buffer + the shard being written).
+DEFAULT_SHARD_BYTES = 16 * 2**20
 #: The only files a ShardedStore writes besides its index (and the only ones ``overwrite=True`` deletes).
 _SHARD_FILE = re.compile(r"shard-\d{5}\.(safetensors|json)")
 
@@ -45,6 +62,120 @@ def _read_json(path: Path, what: str) -> Any:
         raise DamagedStoreError(f"{path} ({what}) is not valid JSON: {err}; the store is damaged") from None
     except UnicodeDecodeError as err:
         raise DamagedStoreError(f"{path} ({what}) is not text: {err}; the store is damaged") from None
+
+
+def _atomic_file(path: Path, write: Callable[[str], None], mode: int) -> None:
+    """``write(tmp_name)`` fills a fresh temporary file beside ``path``; fsync, ``chmod mode``, rename over ``path``.
+
+    :func:`interp.io.atomic_write` for writers that stream to a file name (safetensors) instead of a bytes blob.
+    ``mode`` is computed once by the caller: reading the umask (process-global) from the writer thread would
+    race with other threads creating files.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_text(text: str) -> Callable[[str], None]:
+    def write(name: str) -> None:
+        with open(name, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    return write
+
+
+def _write_shard(tensors: dict[str, Tensor]) -> Callable[[str], None]:
+    def write(name: str) -> None:
+        from safetensors.torch import save_file
+
+        save_file(tensors, name, metadata={"format": "scorescope-activations"})
+
+    return write
+
+
+class _Job:
+    """One flush: a shard's tensors, its sidecar and the index that follows it, written in this order."""
+
+    def __init__(self, root: Path, name: str, tensors: dict[str, Tensor], sidecar: dict, index: dict,
+                 events: list[Any], mode: int) -> None:
+        self.root, self.name, self.tensors, self.sidecar, self.index = root, name, tensors, sidecar, index
+        self.events, self.mode = events, mode
+
+    def run(self) -> None:
+        for event in self.events:  # CUDA → pinned host copies issued without blocking
+            event.synchronize()
+        if self.tensors:
+            _atomic_file(self.root / f"{self.name}.safetensors", _write_shard(self.tensors), self.mode)
+            # The sidecar after its shard: a reader never sees an index entry without its tensor.
+            _atomic_file(self.root / f"{self.name}.json", _write_text(json.dumps(self.sidecar, default=str)), self.mode)
+        _atomic_file(self.root / INDEX_NAME, _write_text(json.dumps(self.index, indent=1, default=str)), self.mode)
+
+
+class _Writer:
+    """One background thread that runs :class:`_Job` s in order, at most one at a time (a hand-off, no queue).
+
+    :meth:`submit` waits for the previous job, so at most one shard is in flight; an error of a job is kept
+    and re-raised by the next :meth:`submit` / :meth:`wait` in the caller's thread.
+    """
+
+    def __init__(self) -> None:
+        self._idle = threading.Semaphore(1)
+        self._jobs: list[_Job | None] = []
+        self._ready = threading.Condition()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="scorescope-store-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._ready:
+                while not self._jobs:
+                    self._ready.wait()
+                job = self._jobs.pop(0)
+            if job is None:
+                return
+            try:
+                job.run()
+            # Not swallowed: a thread cannot raise into its caller, so the error is handed over and re-raised
+            # there (wait/submit) — whatever its type, or the caller would believe the shard was written.
+            except BaseException as err:  # noqa: BLE001
+                self.error = err
+            finally:
+                self._idle.release()
+
+    def wait(self) -> None:
+        """Block until the job in flight is written; re-raise its error here."""
+        self._idle.acquire()
+        self._idle.release()
+        if self.error is not None:
+            raise self.error
+
+    def submit(self, job: _Job) -> None:
+        self._idle.acquire()  # the previous job is done: at most one in flight
+        if self.error is not None:
+            self._idle.release()
+            raise self.error
+        with self._ready:
+            self._jobs.append(job)
+            self._ready.notify()
+
+    def stop(self) -> None:
+        """Finish the job in flight and end the thread (its error, if any, stays in :attr:`error`)."""
+        self._idle.acquire()
+        self._idle.release()
+        with self._ready:
+            self._jobs.append(None)
+            self._ready.notify()
+        self._thread.join()
 
 
 @dataclass(frozen=True, order=True)
@@ -230,7 +361,10 @@ class ShardedStore(ActivationStore):
 
     Args:
         root: folder (created; must not already hold a store unless ``overwrite``).
-        shard_bytes: buffer size that triggers a shard write — the store's RAM ceiling.
+        shard_bytes: buffer size that triggers a shard write (default 16 MiB). RAM ceiling: ``shard_bytes``
+            (plus one tensor), twice that with ``background=True`` (the buffer and the shard being written).
+        background: write full shards on a writer thread (see the module docstring); ``False`` writes them
+            in the thread that calls :meth:`put`, before it returns.
         metadata: JSON-serialisable metadata saved in the index (model, sites, seed, version...).
         overwrite: replace an existing store in ``root``: deletes only that store's ``shard-NNNNN.*`` files;
             anything else in the folder stays.
@@ -243,9 +377,10 @@ class ShardedStore(ActivationStore):
         self,
         root: str | Path,
         *,
-        shard_bytes: int = 64 * 2**20,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
         metadata: dict[str, Any] | None = None,
         overwrite: bool = False,
+        background: bool = False,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -278,6 +413,12 @@ class ShardedStore(ActivationStore):
         self._described: dict[ActivationKey, tuple[tuple[int, ...], str, int]] = {}
         self._n_shards = 0
         self._complete = True
+        self._mode = 0o666 & ~_umask()  # ordinary file permissions, read once here (the umask is process-global)
+        self._events: dict[ActivationKey, Any] = {}  # CUDA copy events of buffered tensors
+        self._inflight: dict[ActivationKey, Tensor] = {}  # handed to the writer, maybe not yet on disk
+        self._inflight_bytes = 0
+        self._failed: BaseException | None = None  # the writer's error, once re-raised in the caller
+        self._writer = _Writer() if background else None
         self._write_index()
 
     @classmethod
@@ -314,6 +455,8 @@ class ShardedStore(ActivationStore):
         self._readonly, self._closed = True, True
         self._buffer, self._buffer_bytes = {}, 0
         self._where, self._described = {}, {}
+        self._events, self._inflight, self._inflight_bytes = {}, {}, 0
+        self._writer, self._failed = None, None
         closed = index.get("closed") is True
         sidecars = sorted(f for f in root.glob("shard-*.json") if _SHARD_FILE.fullmatch(f.name))
         problems: list[str] = []
@@ -373,67 +516,116 @@ class ShardedStore(ActivationStore):
             raise PermissionError(f"{self.root} was opened read-only")
         if self._closed:
             raise RuntimeError(f"the store in {self.root} is closed; open a new ShardedStore to write more")
+        if self._failed is not None:
+            raise RuntimeError(f"the store in {self.root} could not write a shard "
+                               f"({type(self._failed).__name__}: {self._failed}) and takes no more tensors") from self._failed
         if key in self._where or key in self._buffer:
             raise KeyError(f"{key} was already captured into {self.root}; a store takes each "
                            "(site, step, branch, call) once")
-        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.is_cuda:
+            # Pinned host buffer + non-blocking copy: the sampling stream is not stalled; the writer (or a read)
+            # waits for the copy's event. Stream order makes it safe even if the model reuses the device memory.
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor.detach(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(tensor.device))
+            self._events[key] = event
+            tensor = host
+        else:
+            tensor = tensor.detach().to("cpu").contiguous()
         nbytes = tensor.numel() * tensor.element_size()
         self._buffer[key] = tensor
         self._buffer_bytes += nbytes
         self._described[key] = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), nbytes)
         if self._buffer_bytes >= self.shard_bytes:
-            self.flush()
+            self._flush(wait=False)
 
     def flush(self) -> None:
-        if not self._buffer:
+        """Write the buffered tensors as one shard; returns when everything handed over is on disk."""
+        self._flush(wait=True)
+
+    def _flush(self, *, wait: bool) -> None:
+        if self._readonly or self._failed is not None:
             return
-        from safetensors.torch import save
+        if self._buffer:
+            name = f"shard-{self._n_shards:05d}"
+            # Each shard gets its own small index, written after the shard itself: the store's cost of a flush is
+            # O(shard), not O(everything so far), and a reader never sees an index entry without its tensor.
+            sidecar = {k.encode(): {"shape": list(t.shape), "dtype": self._described[k][1], "bytes": self._described[k][2]}
+                       for k, t in self._buffer.items()}
+            index = self._index(n_shards=self._n_shards + 1, n_tensors=len(self._where) + len(self._buffer))
+            job = _Job(self.root, name, {k.encode(): t for k, t in self._buffer.items()}, sidecar, index,
+                       [self._events[k] for k in self._buffer if k in self._events], self._mode)
+            if self._writer is None:
+                job.run()  # raises before any bookkeeping: a failed flush keeps its buffer, as it always did
+            else:
+                self._writer_call(self._writer.submit, job)
+                self._inflight, self._inflight_bytes = dict(self._buffer), self._buffer_bytes  # the previous one is on disk
+            for k in self._buffer:
+                self._where[k] = f"{name}.safetensors"
+                self._events.pop(k, None)
+            self._written_bytes += self._buffer_bytes
+            self._buffer = {}
+            self._buffer_bytes = 0
+            self._n_shards += 1
+        if wait and self._writer is not None:
+            self._writer_call(self._writer.wait)
+            self._inflight, self._inflight_bytes = {}, 0
 
-        name = f"shard-{self._n_shards:05d}"
-        blob = save({k.encode(): t for k, t in self._buffer.items()}, metadata={"format": "scorescope-activations"})
-        atomic_write(self.root / f"{name}.safetensors", blob)
-        # Each shard gets its own small index, written after the shard itself: the store's cost of a flush is
-        # O(shard), not O(everything so far), and a reader never sees an index entry without its tensor.
-        sidecar = {
-            k.encode(): {"shape": list(t.shape), "dtype": self._described[k][1], "bytes": self._described[k][2]}
-            for k, t in self._buffer.items()
-        }
-        atomic_write_json(self.root / f"{name}.json", sidecar, indent=None)
-        for k in self._buffer:
-            self._where[k] = f"{name}.safetensors"
-        self._written_bytes += self._buffer_bytes
-        self._buffer.clear()
-        self._buffer_bytes = 0
-        self._n_shards += 1
-        self._write_index()  # progress for readers of a store still being written (or crashed)
+    def _writer_call(self, call: Callable[..., None], *args: Any) -> None:
+        """Run ``call`` (a hand-off or a wait); a write error of the writer thread is re-raised here, once."""
+        try:
+            call(*args)
+        finally:
+            if self._writer is not None and self._writer.error is not None and self._failed is None:
+                self._failed = self._writer.error
+                if self.aborted is None:
+                    self.mark_aborted(f"{type(self._failed).__name__}: {self._failed}")
 
-    def _write_index(self, *, closed: bool = False) -> None:
+    def _index(self, *, closed: bool = False, n_shards: int | None = None, n_tensors: int | None = None) -> dict[str, Any]:
         index = {
             "format_version": FORMAT_VERSION,
             "shard_bytes": self.shard_bytes,
             "metadata": self.metadata,
             "closed": closed,
-            "n_shards": self._n_shards,
-            "n_tensors": len(self._where),
+            "n_shards": self._n_shards if n_shards is None else n_shards,
+            "n_tensors": len(self._where) if n_tensors is None else n_tensors,
             "layout": "shard-NNNNN.safetensors holds the tensors; shard-NNNNN.json lists them (key: site@step@branch@call)",
         }
         if self.aborted is not None:
             index["aborted"] = self.aborted
-        atomic_write_json(self.root / INDEX_NAME, index)
+        return index
+
+    def _write_index(self, *, closed: bool = False) -> None:
+        _atomic_file(self.root / INDEX_NAME, _write_text(json.dumps(self._index(closed=closed), indent=1, default=str)),
+                     self._mode)
 
     def close(self) -> None:
         """Flush and finish the store: ``closed: true`` in the index, or ``closed: false`` plus ``aborted``
-        when :meth:`mark_aborted` was called. Idempotent; later :meth:`put` calls are refused."""
+        when :meth:`mark_aborted` was called or a background write failed (that error is raised here unless
+        an earlier call already raised it). Idempotent; later :meth:`put` calls are refused."""
         if self._readonly or self._closed:
             return
-        self.flush()
-        self._write_index(closed=self.aborted is None)
-        self._closed = True
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.stop()
+            if self._failed is not None:  # the failed shard cannot be written again: finish as aborted
+                self._write_index(closed=False)
+                self._closed = True
+        if not self._closed:
+            self._write_index(closed=self.aborted is None)
+            self._closed = True
 
     # ----------------------------------------------------------------- reading
     def __getitem__(self, key: ActivationKey) -> Tensor:
         if key in self._buffer:
+            if key in self._events:
+                self._events[key].synchronize()
             return self._buffer[key]
+        if key in self._inflight:
+            return self._inflight[key]
         if key not in self._where:
             raise KeyError(key)
         from safetensors import safe_open
@@ -456,7 +648,7 @@ class ShardedStore(ActivationStore):
 
     @property
     def resident_bytes(self) -> int:
-        return self._buffer_bytes
+        return self._buffer_bytes + self._inflight_bytes
 
 
 def open_store(root: str | Path) -> ShardedStore:

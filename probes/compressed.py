@@ -48,7 +48,6 @@ Memory: the result is the full Jacobian, ``H·W·C_out·C_in·H·W`` numbers per
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,9 +57,8 @@ from torch import Tensor
 from interp import Conditioning, Denoiser
 from interp.compat import renamed_kwargs
 from interp.evaluate import Branch, Quantity, accumulation_dtype, evaluate
-from interp.forward_mode import forward_mode_ready
 from interp.inputs import resolve_timestep
-from probes.jacobian import RowEngine, basis_cotangents
+from probes.jacobian import RowEngine, basis_cotangents, derivative_context
 
 _SPLIT = 8  # parts per failed group: log_8 localisation depth, at most 9 wasted checks when everything is wrong
 # ~200x the measured rounding of an exact check (float32: 5e-7 of the scale on the shipped CLEVR models)
@@ -211,7 +209,7 @@ def compressed_jacobian(
     fallback: bool = True,
     chunk_size: int | None = None,
     memory_budget: int | str | None = None,
-    derivative_ready: bool = False,
+    derivative_ready: bool | None = None,
 ) -> CompressedJacobian:
     """All Jacobian rows by coloured probing, verified by random VJPs, dense where the check fails.
 
@@ -230,7 +228,8 @@ def compressed_jacobian(
             the model dtype (1e-10 float64, 1e-4 float32, 5e-2 fp16, 2e-1 bf16).
         fallback: recompute uncertified pixels densely (``False`` leaves the colouring estimate there).
         chunk_size / memory_budget: VJP batching (see :class:`probes.jacobian.RowEngine`).
-        derivative_ready: differentiate inside :func:`interp.forward_mode.forward_mode_ready` (math SDPA).
+        derivative_ready: differentiate inside :func:`interp.forward_mode.forward_mode_ready` (math SDPA);
+            ``None``: by the model's device, as in :func:`probes.pixel_jacobian`.
 
     ``radius=`` and ``output=`` are the deprecated names of ``radius_px=`` and ``quantity=``.
 
@@ -262,10 +261,10 @@ def compressed_jacobian(
     gen = torch.Generator().manual_seed(int(seed))
     spacing = 2 * radius_px + 1
     rows, certs, passes, check_passes, dense = [], [], 0, 0, 0
-    with forward_mode_ready(den.unet) if derivative_ready else contextlib.nullcontext():
+    with derivative_context(den, derivative_ready):
         for s in range(S):
             fn = lambda x: evaluate(den, x, ts, cond, branch=branch, quantity=quantity)  # noqa: E731
-            eng = RowEngine(fn, x_t[s : s + 1], chunk_size=chunk_size, memory_budget=memory_budget)
+            eng = RowEngine(fn, x_t[s : s + 1], chunk_size=chunk_size, memory_budget=memory_budget, freeze=(den.unet,))
             if tuple(eng.out.shape[-2:]) != (H, W):
                 raise ValueError(f"compressed probing needs an output on the input's pixel grid {(H, W)}, "
                                  f"got {tuple(eng.out.shape[-2:])}; use probes.pixel_jacobian")

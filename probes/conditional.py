@@ -14,6 +14,24 @@ Two maps per conditioner ``j`` (SCIENCE.md §3.2), each averaged over forward-pr
   from a baseline ``b`` (zeros by default) — what integrated gradients computes exactly for a model linear
   in ``c`` (:mod:`probes.baselines` uses the same output format).
 
+**Forward or reverse mode** (``mode=``). Every derivative map is a set of directional derivatives
+``(∂D/∂tokens)·v`` (all pixels and channels at once), computed by one of three equal methods:
+
+* ``"forward"``: ``torch.func.jvp``, one tangent per direction (batched ``chunk_size`` at a time);
+* ``"reverse"``: the double-backward trick — one forward and one backward with ``create_graph`` give the
+  linear map ``u ↦ uᵀJ``; each direction is then one backward of that map (``Jv = ∂⟨uᵀJ, v⟩/∂u``, batched
+  by ``torch.func.vmap``);
+* ``"rows"``: the full token Jacobian from one VJP per output element (``C·H·W`` rows, every conditioner at
+  once), then ``J·v`` by a matrix product.
+
+``mode="auto"`` (default) is a cost model: when the output has fewer rows (``C·H·W`` of ``x_t``) than there are
+directions over all conditioners, ``"rows"``; otherwise ``"reverse"`` on the CPU — measured faster than forward
+mode on the shipped CLEVR models and the analytic toys (forward-mode rules of GroupNorm / LayerNorm are
+Python-level decompositions, and tangent convolutions fall back to a slow kernel; ``docs/bench/speed.json``) —
+and ``"forward"`` on CUDA (unmeasured: no GPU here; forward mode keeps no backward graph and batches wide).
+The mode that ran is in ``result.metadata["mode"]``. All three give the same maps to float rounding (tested).
+Parameters never require grad while the maps are computed (:func:`interp.forward_mode.frozen_parameters`).
+
 Summaries (*ours*, :mod:`probes.summaries`): in-region fraction within radius ``r`` of ``c_j``'s location,
 leakage to pixels nearer another conditioner or to background, and the effective number of conditioners
 per pixel.
@@ -24,14 +42,14 @@ null condition holds no conditioner tokens (``Conditioning.null()``); ``"uncond"
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from interp import Conditioning, ConditioningBatch, Denoiser
-from interp.forward_mode import forward_mode_ready
+from interp.forward_mode import forward_chunk_default, forward_mode_ready, frozen_parameters, model_device
 from interp.inputs import as_seeds, check_conditioning, check_locations, noisy_inputs, resolve_timestep
 from interp.validation import check_finite
 from interp.compat import renamed_kwargs
@@ -40,6 +58,8 @@ from interp.results import ProbeResult
 from probes.summaries import effective_conditioners, region_fractions
 
 Maps = Sequence[Literal["jvp", "ablation", "attribution"]]
+Mode = Literal["auto", "forward", "reverse", "rows"]
+MODES = ("auto", "forward", "reverse", "rows")
 
 
 def _batched(cond: Conditioning, n: int) -> ConditioningBatch:
@@ -90,9 +110,9 @@ def conditioner_jvp(
     t: float | None = None,
     timestep: Tensor | float | int | None = None,
     quantity: Quantity = "prediction",
-    chunk_size: int = 8,
+    chunk_size: int | None = None,
 ) -> Tensor:
-    """``(∂D/∂tokens)·v`` for each tangent ``v`` in ``tangents (N, L, D)`` at one input ``x_t (1, C, H, W)``.
+    """``(∂D/∂tokens)·v`` for each tangent ``v`` in ``tangents (N, L, D)`` at one input ``x_t (1, C, H, W)``, forward mode.
 
     ``t`` (noise fraction) or ``timestep`` (raw) gives ``x_t``'s noise level. Returns ``(N, C, H, W)``
     (float32, float64 for float64 ``x_t``). Call inside :func:`interp.forward_mode.forward_mode_ready` for
@@ -116,6 +136,7 @@ def conditioner_jvp(
     x = x_t
     outs = []
     acc = accumulation_dtype(x)
+    chunk_size = chunk_size or forward_chunk_default(model_device(den.unet))
     for start in range(0, tangents.shape[0], chunk_size):
         v = tangents[start : start + chunk_size]
         f = token_function(den, x, ts, cond, v.shape[0], quantity=quantity)
@@ -123,6 +144,86 @@ def conditioner_jvp(
         _, tan = torch.func.jvp(f, (primal,), (v.to(primal.dtype),))
         outs.append(tan.detach().to(acc))
     return torch.cat(outs)
+
+
+def choose_mode(n_directions: int, n_rows: int, device: torch.device | str) -> str:
+    """The cost model of ``mode="auto"`` (see the module docstring).
+
+    ``"rows"`` when the output has fewer rows than there are directions (one VJP per row then serves every
+    direction), else ``"reverse"`` on the CPU and ``"forward"`` on CUDA.
+    """
+    if n_rows < n_directions:
+        return "rows"
+    return "forward" if torch.device(device).type == "cuda" else "reverse"
+
+
+class TokenDerivative:
+    """``deriv(V (N, L, D)) -> (N, C, H, W)``: ``(∂D/∂tokens)·v`` of the conditional branch at one input, by ``mode``.
+
+    ``"reverse"`` and ``"rows"`` linearise once, on the first call, and reuse that for every later call (one
+    object per input ``x``). Results are in the accumulation dtype (float32, float64 for float64 ``x``).
+    Differentiate diffusers models inside :func:`interp.forward_mode.forward_mode_ready`.
+    """
+
+    def __init__(self, den: Denoiser, cond: Conditioning, x: Tensor, timestep: Tensor, *, mode: str,
+                 quantity: Quantity = "prediction", chunk_size: int | None = None) -> None:
+        if mode not in MODES[1:]:
+            raise ValueError(f"mode must be one of {MODES[1:]} here (resolve 'auto' with choose_mode), got {mode!r}")
+        self.den, self.cond, self.x, self.timestep, self.mode, self.quantity = den, cond, x, timestep, mode, quantity
+        self.chunk_size = chunk_size or forward_chunk_default(model_device(den.unet))
+        self.acc = accumulation_dtype(x)
+        self._lin: tuple[Tensor, Tensor] | None = None
+        self._rows: Tensor | None = None
+
+    def __call__(self, V: Tensor) -> Tensor:
+        if self.mode == "forward":
+            return conditioner_jvp(self.den, self.cond, V, x_t=self.x, timestep=self.timestep, quantity=self.quantity,
+                                   chunk_size=self.chunk_size)
+        if self.mode == "reverse":
+            return self._reverse(V)
+        J = self._token_rows()  # (C, H, W, L, D)
+        return torch.einsum("chwld,nld->nchw", J, V.to(J)).to(self.acc)
+
+    def _primal(self) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+        f = token_function(self.den, self.x, self.timestep, self.cond, 1, quantity=self.quantity)
+        return f, self.cond.tokens.detach()[None].clone()
+
+    def _reverse(self, V: Tensor) -> Tensor:
+        if self._lin is None:
+            f, tok = self._primal()
+            tok.requires_grad_(True)
+            # Frozen while the graphs are built: neither the forward's nor the backward's graph tracks weights.
+            with frozen_parameters(self.den.unet), torch.enable_grad():
+                out = f(tok)
+                check_finite("model output", out)
+                u = torch.zeros_like(out, requires_grad=True)
+                (g,) = torch.autograd.grad(out, tok, u, create_graph=True, allow_unused=True, materialize_grads=True)
+            self._lin = (g, u)  # g = uᵀJ (1, L, D), linear in u
+        g, u = self._lin
+        if not g.requires_grad:  # the output does not depend on the tokens
+            return torch.zeros(V.shape[0], *u.shape[1:], dtype=self.acc, device=u.device)
+        from probes.jacobian import vjp_of  # sibling module of the same verb
+
+        pull = torch.func.vmap(lambda v: vjp_of(g, u, v))
+        return torch.cat([pull(V[start : start + self.chunk_size].to(g.dtype).unsqueeze(1)).squeeze(1).detach().to(self.acc)
+                          for start in range(0, V.shape[0], self.chunk_size)])
+
+    def _token_rows(self) -> Tensor:
+        if self._rows is None:
+            from probes.jacobian import RowEngine  # sibling module of the same verb
+
+            f, tok = self._primal()
+            eng = RowEngine(f, tok, freeze=(self.den.unet,))
+            shape = eng.out.shape[1:]
+            R = shape.numel()
+            rows = []
+            for start in range(0, R, 256):  # identity cotangents in blocks: never an R×R matrix at once
+                n = min(256, R - start)
+                cot = torch.zeros(n, R, dtype=eng.out.dtype, device=eng.out.device)
+                cot[torch.arange(n), torch.arange(start, start + n)] = 1
+                rows.append(eng(cot.reshape(n, *shape)).to(self.acc))  # (n, L, D)
+            self._rows = torch.cat(rows).reshape(*shape, *tok.shape[1:])
+        return self._rows
 
 
 @renamed_kwargs(output="quantity")
@@ -142,9 +243,10 @@ def conditional_locality(
     shape: Sequence[int] | None = None,
     branch: Literal["cond", "guided"] = "cond",
     quantity: Quantity = "prediction",
-    chunk_size: int = 8,
+    chunk_size: int | None = None,
     max_conditioners: int = 64,
     dtype: torch.dtype = torch.float32,
+    mode: Mode = "auto",
 ) -> ProbeResult:
     """Conditional-locality maps of every conditioner, per noise level, and their summaries.
 
@@ -162,8 +264,11 @@ def conditional_locality(
         x0, shape, dtype: forward-process inputs (see :func:`interp.inputs.forward_samples`).
         branch: ``"cond"`` or ``"guided"`` (``s ×`` the conditional derivative; ablation uses the real CFG output).
         quantity: ``"prediction"`` (the raw network output) or ``"score"`` (∇ log p_t).
-        chunk_size: JVP directions per forward pass.
+        chunk_size: directions per batched pass (default 8 on the CPU, 64 on CUDA).
         max_conditioners: refuse larger conditioner sets (cost grows linearly in ``k``).
+        mode: how the derivative maps are computed: ``"auto"`` (the cost model of the module docstring),
+            or force ``"forward"``, ``"reverse"`` or ``"rows"``; all give the same maps. The mode that ran is
+            ``result.metadata["mode"]`` (``None`` for ablation only).
 
     Returns:
         :class:`ProbeResult` with maps ``"jvp"``/``"ablation"`` ``(T, k, H, W)``, ``"attribution"``
@@ -171,6 +276,8 @@ def conditional_locality(
         ``leak_background``, ``mass`` per ``(t, conditioner, map)`` and ``n_eff`` per ``(t, map)``.
     """
     check_conditioning(cond, max_k=max_conditioners)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     unknown = set(maps) - {"jvp", "ablation", "attribution"}
     if unknown or not maps:
         raise ValueError(f"maps must be a non-empty subset of ('jvp', 'ablation', 'attribution'); got {tuple(maps)}")
@@ -192,28 +299,35 @@ def conditional_locality(
                   "levels": levels},
     )
     out_maps: dict[str, list[Tensor]] = {m: [] for m in maps}
+    modes_used: set[str] = set()
     for level, xs, ts in inputs:
         acc = accumulation_dtype(xs)
         per = {m: [] for m in maps}
         if "jvp" in maps or "attribution" in maps:
-            with forward_mode_ready(den.unet):
+            jvp_sets = [direction_set(cond, j, directions, seed=j) for j in range(cond.k)] if "jvp" in maps else []
+            if "attribution" in maps:
+                b = baseline.to(cond.tokens) if baseline is not None else torch.zeros_like(cond.tokens)
+                moves = torch.zeros(cond.k, *cond.tokens.shape, dtype=cond.tokens.dtype, device=cond.tokens.device)
                 for j in range(cond.k):
-                    if "jvp" in maps:
-                        v, factor = direction_set(cond, j, directions, seed=j)
-                        sq = torch.stack([
-                            conditioner_jvp(den, cond, v, x_t=xs[s : s + 1], timestep=ts, quantity=quantity,
-                                            chunk_size=chunk_size).pow(2).sum((0, 1))
-                            for s in range(xs.shape[0])
-                        ])  # (S, H, W)
-                        per["jvp"].append(abs(scale) * (sq * factor).sqrt().mean(0))
+                    idx = cond.token_indices(j)
+                    moves[j, idx] = cond.tokens[idx] - b[idx]
+            n_dirs = sum(v.shape[0] for v, _ in jvp_sets) + (cond.k if "attribution" in maps else 0)
+            used = choose_mode(n_dirs, xs[0].numel(), model_device(den.unet)) if mode == "auto" else mode
+            modes_used.add(used)
+            sq = [[] for _ in jvp_sets]  # per conditioner, per sample: Σ_v Σ_c (J v)²  (H, W)
+            att = []  # per sample: (k, C, H, W)
+            with forward_mode_ready(den.unet), frozen_parameters(den.unet):
+                for s in range(xs.shape[0]):
+                    deriv = TokenDerivative(den, cond, xs[s : s + 1], ts, mode=used, quantity=quantity, chunk_size=chunk_size)
                     if "attribution" in maps:
-                        b = baseline.to(cond.tokens) if baseline is not None else torch.zeros_like(cond.tokens)
-                        d = torch.zeros_like(cond.tokens)
-                        idx = cond.token_indices(j)
-                        d[idx] = cond.tokens[idx] - b[idx]
-                        att = torch.stack([conditioner_jvp(den, cond, d[None], x_t=xs[s : s + 1], timestep=ts, quantity=quantity)[0]
-                                           for s in range(xs.shape[0])])
-                        per["attribution"].append(scale * att.mean(0))
+                        att.append(deriv(moves))  # all conditioners in one batch
+                    for j, (v, _) in enumerate(jvp_sets):
+                        sq[j].append(deriv(v).pow(2).sum((0, 1)))
+            for j, (_, factor) in enumerate(jvp_sets):
+                per["jvp"].append(abs(scale) * (torch.stack(sq[j]) * factor).sqrt().mean(0))
+            if att:
+                mean_att = torch.stack(att).mean(0)  # (k, C, H, W)
+                per["attribution"] = [scale * mean_att[j] for j in range(cond.k)]
         if "ablation" in maps:
             full = _branch_out(den, xs, ts, cond, branch, quantity).to(acc)
             for j in range(cond.k):
@@ -224,6 +338,7 @@ def conditional_locality(
             out_maps[m].append(stacked)
             mass_map = stacked.abs().sum(1) if m == "attribution" else stacked
             _summarise(result, mass_map, cond, radius, t=level, timestep=int(ts), map_name=m)
+    result.metadata["mode"] = next(iter(modes_used)) if modes_used else None
     for m in maps:
         result.maps[m] = torch.stack(out_maps[m]).float()
         result.axes[m] = ("t", "conditioner", "c_out", "row", "col") if m == "attribution" else ("t", "conditioner", "row", "col")

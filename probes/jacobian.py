@@ -23,12 +23,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from interp import Conditioning, Denoiser
 from interp.compat import renamed_kwargs
 from interp.evaluate import Branch, Quantity, accumulation_dtype, evaluate
-from interp.forward_mode import forward_mode_ready
+from interp.forward_mode import derivative_ready_default, forward_mode_ready, frozen_parameters, model_device
 from interp.inputs import PixelSpec, as_seeds, noisy_inputs, pixel_list, resolve_timestep
 from interp.results import ProbeResult
 from interp.validation import check_finite, format_bytes, parse_bytes
@@ -37,69 +37,93 @@ from probes.summaries import DEFAULT_QUANTILES, pixel_summaries
 __all__ = ["Branch", "Quantity", "RowEngine", "aggregate_map", "evaluate", "pixel_jacobian", "pixel_locality"]
 
 
-def saved_bytes(fn: Callable[[Tensor], Tensor], x: Tensor) -> int:
-    """Bytes of the tensors autograd saves for the backward of ``fn(x)`` (one forward, measured)."""
-    total = 0
-
-    def pack(t: Tensor) -> Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    x = x.detach().requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x)
-    return max(total, x.numel() * x.element_size())
+def _keep(t: Tensor) -> Tensor:
+    return t
 
 
-def auto_chunk(fn: Callable[[Tensor], Tensor], x: Tensor, memory_budget: int | str | None, *, cap: int | None = None) -> int:
+def vjp_of(out: Tensor, x: Tensor, cotangent: Tensor) -> Tensor:
+    """``cotangentᵀ · ∂out/∂x`` through a graph kept for more pulls (zeros where ``out`` ignores part of ``x``)."""
+    (g,) = torch.autograd.grad(out, x, cotangent, retain_graph=True, allow_unused=True, materialize_grads=True)
+    return g
+
+
+def chunk_for_budget(per_row: int, memory_budget: int | str | None, device: torch.device) -> int:
     """Rows per batched VJP chunk so that one chunk fits ``memory_budget`` (default 1 GiB).
 
-    On CPU the chunk is capped at 32 rows (batching buys little there and large chunks are slower,
-    PITFALLS.md); on GPU at 1,024.
+    ``per_row``: bytes one cotangent row costs in the backward (about one forward's saved tensors). On the CPU
+    the chunk is capped at 32 rows (batching buys little there and large chunks are slower, PITFALLS.md); on
+    GPU at 1,024.
     """
     budget = parse_bytes(memory_budget, "memory_budget") or 2**30
-    per_row = saved_bytes(fn, x)
     if per_row > budget:
         raise MemoryError(
             f"one Jacobian row needs about {format_bytes(per_row)} of activations, more than the memory budget "
             f"{format_bytes(budget)}; raise memory_budget"
         )
-    cap = cap or (1024 if x.device.type == "cuda" else 32)
+    cap = 1024 if device.type == "cuda" else 32
     return int(max(1, min(cap, budget // per_row)))
 
 
 class RowEngine:
     """Batched VJPs of one linearised call: ``engine(cotangents (N, C_out, H, W)) -> (N, C_in, H, W)``.
 
+    (Any input ``(1, ...)`` works the same way: :mod:`probes.conditional` linearises in the tokens ``(1, L, D)``.)
+
+    One forward builds the autograd graph of ``fn`` at ``x`` and, *in that same forward*, measures the bytes
+    autograd saves for the backward, which sets the chunk size (no extra forward). While the graph is built
+    the parameters of ``freeze`` do not require grad, so the graph holds only the input's path: a pullback
+    then computes no parameter gradients and builds no higher-order graph (``requires_grad`` is restored
+    as soon as the forward returns, on every exit path, :func:`interp.forward_mode.frozen_parameters`).
+    Chunks of cotangents go through one batched backward each (``torch.func.vmap`` over
+    ``torch.autograd.grad``: the same kernels as ``torch.func.vjp`` + ``vmap``).
+
     Args:
         fn: a function of one input ``(1, C_in, H, W)`` returning ``(1, C_out, H', W')``.
         x: the point of linearisation ``(1, C_in, H, W)``.
-        chunk_size: cotangents per batched pullback (``None``: from ``memory_budget``).
+        chunk_size: cotangents per batched pullback (``None``: from ``memory_budget`` and the measured bytes).
         memory_budget: bytes (or ``"2GiB"``) one chunk may take.
+        freeze: modules whose parameters ``fn`` reads (the denoiser's network).
 
     Attributes:
+        out: the detached output ``(1, C_out, H', W')``.
+        saved_bytes: bytes autograd saved in the forward (the per-row memory estimate).
         passes: number of backward passes (cotangent rows) pushed so far.
     """
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], x: Tensor, *, chunk_size: int | None = None, memory_budget: int | str | None = None) -> None:
-        if x.dim() != 4 or x.shape[0] != 1:
-            raise ValueError(f"linearise at one input (1, C, H, W), got {tuple(x.shape)}")
-        self.chunk_size = int(chunk_size) if chunk_size else auto_chunk(fn, x, memory_budget)
-        self.out, self._pull = torch.func.vjp(fn, x.detach())
-        check_finite("model output", self.out)
+    def __init__(self, fn: Callable[[Tensor], Tensor], x: Tensor, *, chunk_size: int | None = None,
+                 memory_budget: int | str | None = None, freeze: Sequence[nn.Module] = ()) -> None:
+        if x.dim() < 2 or x.shape[0] != 1:
+            raise ValueError(f"linearise at one input (1, C, H, W) (or (1, ...) for a token input), got {tuple(x.shape)}")
+        budget = parse_bytes(memory_budget, "memory_budget")  # a bad budget fails before the forward
+        saved = 0
+
+        def count(t: Tensor) -> Tensor:
+            nonlocal saved
+            saved += t.numel() * t.element_size()
+            return t
+
+        self._x = x.detach().requires_grad_(True)
+        with frozen_parameters(*freeze), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(count, _keep):
+            out = fn(self._x)
+        self.saved_bytes = max(saved, x.numel() * x.element_size())
+        self.chunk_size = int(chunk_size) if chunk_size else chunk_for_budget(self.saved_bytes, budget, x.device)
+        check_finite("model output", out)
+        self._graph = out if out.requires_grad else None  # an output that ignores x has zero rows
+        self.out = out.detach()
         self.passes = 0
 
     def __call__(self, cotangents: Tensor) -> Tensor:
         if cotangents.shape[1:] != self.out.shape[1:]:
             raise ValueError(f"cotangents must be (N, {', '.join(map(str, self.out.shape[1:]))}), got {tuple(cotangents.shape)}")
         cot = cotangents.to(self.out.dtype).unsqueeze(1)
-        parts = []
-        for start in range(0, cot.shape[0], self.chunk_size):
-            chunk = cot[start : start + self.chunk_size]
-            parts.append(torch.func.vmap(self._pull)(chunk)[0].squeeze(1).detach())
         self.passes += cot.shape[0]
-        return torch.cat(parts)
+        if self._graph is None:
+            return torch.zeros(cot.shape[0], *self._x.shape[1:], dtype=self._x.dtype, device=self._x.device)
+        # torch.func.vmap over the backward (not autograd.grad's is_grads_batched, whose older vmap prototype has
+        # fewer batching rules and measured slower here).
+        pull = torch.func.vmap(lambda c: vjp_of(self._graph, self._x, c))
+        return torch.cat([pull(cot[start : start + self.chunk_size]).squeeze(1)
+                          for start in range(0, cot.shape[0], self.chunk_size)])
 
 
 def basis_cotangents(pixels: Tensor, shape: Sequence[int], *, dtype: torch.dtype, device: Any) -> Tensor:
@@ -144,7 +168,7 @@ def pixel_jacobian(
     quantity: Quantity = "prediction",
     chunk_size: int | None = None,
     memory_budget: int | str | None = None,
-    derivative_ready: bool = False,
+    derivative_ready: bool | None = None,
 ) -> Tensor:
     """Dense Jacobian rows ``∂D_{c_out, i} / ∂x`` for the requested output pixels, at given inputs.
 
@@ -158,7 +182,8 @@ def pixel_jacobian(
         branch / quantity: which function is differentiated (prediction or score, CFG branch).
         chunk_size / memory_budget: VJP batching (see :class:`RowEngine`).
         derivative_ready: differentiate inside :func:`interp.forward_mode.forward_mode_ready` (math SDPA).
-            Off by default: on CPU the fused SDPA backward, though it has no batching rule, was not slower.
+            ``None`` (default): on for a model on CUDA, where the fused SDPA backward has no ``vmap`` batching
+            rule, off on the CPU, where it was not slower (:func:`interp.forward_mode.derivative_ready_default`).
 
     Returns:
         ``(S, P, C_out, C_in, H, W)`` in the accumulation dtype (float32, float64 for float64 input).
@@ -187,7 +212,7 @@ def iter_jacobian_blocks(
     quantity: Quantity = "prediction",
     chunk_size: int | None = None,
     memory_budget: int | str | None = None,
-    derivative_ready: bool = False,
+    derivative_ready: bool | None = None,
 ):
     """Yield ``(sample, pixel_slice, rows (p, C_out, C_in, H, W))`` for blocks of ``block`` output pixels.
 
@@ -201,17 +226,23 @@ def iter_jacobian_blocks(
     ts = resolve_timestep(den, t=t, timestep=timestep)
     px = pixel_list(pixels, tuple(x_t.shape[-2:]))
     acc = accumulation_dtype(x_t)
-    ctx = forward_mode_ready(den.unet) if derivative_ready else contextlib.nullcontext()
-    with ctx:
+    with derivative_context(den, derivative_ready):
         for s in range(x_t.shape[0]):
             fn = lambda x: evaluate(den, x, ts, cond, branch=branch, quantity=quantity)  # noqa: E731
-            eng = RowEngine(fn, x_t[s : s + 1], chunk_size=chunk_size, memory_budget=memory_budget)
+            eng = RowEngine(fn, x_t[s : s + 1], chunk_size=chunk_size, memory_budget=memory_budget, freeze=(den.unet,))
             C_out = eng.out.shape[1]
             for start in range(0, px.shape[0], block):
                 sl = slice(start, min(start + block, px.shape[0]))
                 cot = basis_cotangents(px[sl], eng.out.shape[1:], dtype=eng.out.dtype, device=eng.out.device)
                 g = eng(cot).to(acc)
                 yield s, sl, g.reshape(sl.stop - sl.start, C_out, *g.shape[1:])
+
+
+def derivative_context(den: Denoiser, derivative_ready: bool | None) -> contextlib.AbstractContextManager:
+    """:func:`interp.forward_mode.forward_mode_ready` when asked (``None``: by the model's device), else nothing."""
+    if derivative_ready is None:
+        derivative_ready = derivative_ready_default(model_device(den.unet))
+    return forward_mode_ready(den.unet) if derivative_ready else contextlib.nullcontext()
 
 
 def aggregate_map(jac: Tensor) -> Tensor:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 from importlib.metadata import entry_points
-from pathlib import Path
-
 import typer
 
 app = typer.Typer(
@@ -20,24 +18,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-
-
-@app.command()
-def demo(
-    out: Path = typer.Option(Path("scorescope-demo"), help="Folder for the demo's outputs."),
-    model: str = typer.Option("default", help="Model name ('default': a shipped CLEVR checkpoint if present, else the bundled tiny models)."),
-    seed: int = typer.Option(0, help="Seed for every random choice."),
-    overwrite: bool = typer.Option(False, help="Write into a non-empty folder that is not an earlier demo's (nothing in it is deleted)."),
-) -> None:
-    """Capture activations and compute a locality map on a model, writing figures, tables and tensors to OUT."""
-    from scorescope.demo import run_demo
-
-    try:
-        summary = run_demo(out, model=model, seed=seed, overwrite=overwrite)
-    except FileExistsError as err:
-        raise typer.BadParameter(str(err), param_hint="--out") from None
-    for line in summary:
-        typer.echo(line)
 
 
 @app.command()
@@ -64,11 +44,13 @@ _mount_plugins()
 
 # The application's own experiments are mounted directly (the application layer may import what it likes).
 from interp.clevr.cli import app as _clevr_app  # noqa: E402
+from scorescope.demo_cli import demo as _demo  # noqa: E402
 from scorescope.export_cli import app as _export_app  # noqa: E402
 from scorescope.features_cli import app as _features_app  # noqa: E402
 from scorescope.intervene_cli import app as _intervene_app  # noqa: E402
 from scorescope.track_cli import track as _track  # noqa: E402
 
+app.command("demo")(_demo)
 app.add_typer(_intervene_app, name="intervene")
 app.add_typer(_features_app, name="features")
 app.add_typer(_export_app, name="export")
