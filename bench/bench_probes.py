@@ -29,7 +29,8 @@ Run on demand (not a test)::
 (d) **Speed** (``--only speed``, issue 14) on ``--speed-model`` (default the shipped exp1): 16-pixel (48-row)
     and all-row Jacobians, conditional maps (attribution, JVP with 8 random directions, ablation; k = 2),
     each timed interleaved against the hand-written references of ``bench/reference_impls.py`` and the
-    committed code (``git show HEAD:...``, the "before"), medians of ``--repeats``; plus the growth of one
+    code of ``--before`` (a git revision, default ``121bbb1``: the last commit before issue 14's changes;
+    ``git show REV:...``, the "before"), medians of ``--repeats``; plus the growth of one
     dense row's cost from 32² to 64². ``--only compressed_shipped``: compressed vs dense on shipped exp3/exp1.
 
 Intra-op threads: ``--threads`` (default 1). On a 2-core machine shared with other processes, two threads
@@ -224,14 +225,17 @@ def compare_checkpoints(names: list[str], levels: list[float], seeds: int, direc
 # --------------------------------------------------------------------------- speed (issue 14)
 
 
-def _head_module(path: str, name: str):
-    """The committed (HEAD) version of one of our modules, imported under ``name``: the "before" side of a
+BEFORE = "121bbb1"  # the last commit before issue 14's speed work (--before)
+
+
+def _head_module(path: str, name: str, rev: str | None = None):
+    """One of our modules as of git revision ``rev`` (default :data:`BEFORE`), imported under ``name``: the "before" side of a
     before/after ratio measured in the same process, interleaved with the current code."""
     import importlib.util
     import subprocess
     import tempfile
 
-    src = subprocess.run(["git", "show", f"HEAD:{path}"], capture_output=True, text=True, check=True,
+    src = subprocess.run(["git", "show", f"{rev or BEFORE}:{path}"], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
     folder = Path(tempfile.mkdtemp(prefix="bench-head-"))
     (folder / f"{name}.py").write_text(src)
@@ -258,7 +262,7 @@ def _ratios(t: dict, ref: str) -> dict:
 
 def bench_speed(model: str, repeats: int, loop_rows: int) -> dict:
     """Every figure of issue 14, each as ratios against a hand-written reference (bench/reference_impls.py),
-    the committed code ("before", imported from git HEAD) and the current code ("after") side by side."""
+    the code of revision ``BEFORE`` ("before", imported from git) and the current code ("after") side by side."""
     import reference_impls as ref
 
     from interp.inputs import pixel_list
@@ -280,7 +284,7 @@ def bench_speed(model: str, repeats: int, loop_rows: int) -> dict:
     b = ref.rows_vjp_vmap(den, x, ts, cond, cot)
     t = _interleaved({
         "reference vjp+vmap (frozen)": lambda: ref.rows_vjp_vmap(den, x, ts, cond, cot),
-        "before (HEAD)": lambda: old_jac.pixel_jacobian(den, cond, x_t=x, timestep=ts, pixels=px),
+        "before": lambda: old_jac.pixel_jacobian(den, cond, x_t=x, timestep=ts, pixels=px),
         "after": lambda: pixel_jacobian(den, cond, x_t=x, timestep=ts, pixels=px),
     }, repeats)
     out["few_pixels"] = {"rows": int(cot.shape[0]), "times": t, "ratio_to_reference": _ratios(t, "reference vjp+vmap (frozen)"),
@@ -291,7 +295,7 @@ def bench_speed(model: str, repeats: int, loop_rows: int) -> dict:
     rows = C * H * W
     t = _interleaved({
         "reference jacrev(chunk_size=32) (frozen)": lambda: ref.rows_jacrev(den, x, ts, cond),
-        "before (HEAD)": lambda: old_jac.pixel_jacobian(den, cond, x_t=x, timestep=ts, pixels="all"),
+        "before": lambda: old_jac.pixel_jacobian(den, cond, x_t=x, timestep=ts, pixels="all"),
         "after": lambda: pixel_jacobian(den, cond, x_t=x, timestep=ts, pixels="all"),
     }, max(1, repeats // 3))
     floor = ref.one_vjp_seconds(den, x, ts, cond, 15) * rows
@@ -322,7 +326,7 @@ def bench_speed(model: str, repeats: int, loop_rows: int) -> dict:
         ("ablation", {"reference k+1 forwards": lambda: ref.ablation_forwards(den, x, ts, cond)}, dict(maps=("ablation",))),
     ):
         variants = dict(refs)
-        variants["before (HEAD)"] = lambda kw=kw: old_cond.conditional_locality(den, cond, x_t=x, timestep=ts, **kw)
+        variants["before"] = lambda kw=kw: old_cond.conditional_locality(den, cond, x_t=x, timestep=ts, **kw)
         variants["after (auto)"] = lambda kw=kw: conditional_locality(den, cond, x_t=x, timestep=ts, **kw)
         if kind != "ablation":
             variants["after, mode=forward"] = lambda kw=kw: conditional_locality(den, cond, x_t=x, timestep=ts, mode="forward", **kw)
@@ -388,6 +392,7 @@ def main() -> None:
     ap.add_argument("--levels", default="0.9,0.5,0.1")
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--speed-model", default="exp1", help="model of the speed section (a shipped name)")
+    ap.add_argument("--before", default=BEFORE, help="git revision whose probes are the 'before' of the speed section")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.checkpoints:
@@ -414,6 +419,7 @@ def main() -> None:
         res["compressed"] = bench_compressed(args.size)
         print(json.dumps(res["compressed"], indent=1), flush=True)
     if "speed" in sections:
+        globals()["BEFORE"] = args.before  # read by _head_module
         res["speed"] = bench_speed(args.speed_model, args.repeats, args.loop_rows)
     if "compressed_shipped" in sections:
         res["compressed_shipped"] = bench_compressed_shipped(["exp3", "exp1"])

@@ -19,17 +19,46 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 MARKER = ".scorescope.json"
 """File that marks a folder as created by a scorescope command (``{"kind": ..., "version": ...}``)."""
 
 
-def _umask() -> int:
-    # os.umask can only be read by setting it; restore at once (single-threaded moment, no file created).
+def file_mode() -> int:
+    """The permissions of an ordinary new file: ``0o666`` minus the umask (like ``open(..., "w")``).
+
+    ``os.umask`` can only be read by setting it (and at once restoring it), and the umask is process-global: a
+    writer thread takes this value from its creator instead of reading it while other threads create files.
+    """
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
+
+
+def atomic_write_with(path: str | Path, write: Callable[[str], None], *, mode: int | None = None) -> Path:
+    """The general form of :func:`atomic_write`: ``write(tmp_name)`` fills a fresh temporary file beside ``path``
+    (for writers that take a file name, e.g. ``safetensors.torch.save_file``: no bytes blob in memory); then fsync,
+    ``chmod mode`` (default :func:`file_mode`), rename over ``path``. Nothing is left behind when ``write`` raises.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write a file at {path}: it is a folder; pass a file path")
+    mode = file_mode() if mode is None else mode
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def atomic_write(path: str | Path, data: bytes | str, *, encoding: str = "utf-8") -> Path:
@@ -43,23 +72,13 @@ def atomic_write(path: str | Path, data: bytes | str, *, encoding: str = "utf-8"
         IsADirectoryError: ``path`` is an existing folder.
         OSError: the folder is not writable (nothing is left behind).
     """
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"cannot write a file at {path}: it is a folder; pass a file path")
     blob = data.encode(encoding) if isinstance(data, str) else bytes(data)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+
+    def write(name: str) -> None:
+        with open(name, "wb") as fh:
             fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write_with(path, write)
 
 
 def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 1) -> Path:

@@ -2,8 +2,8 @@
 
 A capture of every ``attn2`` output of SDXL over 30 steps is tens of gigabytes; it cannot live in RAM.
 :class:`ShardedStore` buffers tensors up to ``shard_bytes`` and then writes one safetensors shard and its
-small JSON sidecar, each atomically (temporary file, fsync, rename), so memory stays flat however long
-the run, and a crash leaves every flushed shard readable. :class:`MemoryStore` is the
+small JSON sidecar, each atomically (:func:`interp.io.atomic_write_with`: temporary file, fsync, rename), so
+memory stays flat however long the run, and a crash leaves every flushed shard readable. :class:`MemoryStore` is the
 default for small captures. Both answer the same questions: ``store[key]``, ``store.get(site, step,
 branch)``, ``store.stack(site)``, ``store.frame()``.
 
@@ -28,9 +28,7 @@ lacks shards or sidecars, naming the missing files.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -41,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from interp.io import _umask
+from interp.io import atomic_write_with, file_mode
 
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
@@ -62,27 +60,6 @@ def _read_json(path: Path, what: str) -> Any:
         raise DamagedStoreError(f"{path} ({what}) is not valid JSON: {err}; the store is damaged") from None
     except UnicodeDecodeError as err:
         raise DamagedStoreError(f"{path} ({what}) is not text: {err}; the store is damaged") from None
-
-
-def _atomic_file(path: Path, write: Callable[[str], None], mode: int) -> None:
-    """``write(tmp_name)`` fills a fresh temporary file beside ``path``; fsync, ``chmod mode``, rename over ``path``.
-
-    :func:`interp.io.atomic_write` for writers that stream to a file name (safetensors) instead of a bytes blob.
-    ``mode`` is computed once by the caller: reading the umask (process-global) from the writer thread would
-    race with other threads creating files.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.close(fd)
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _write_text(text: str) -> Callable[[str], None]:
@@ -114,10 +91,10 @@ class _Job:
         for event in self.events:  # CUDA → pinned host copies issued without blocking
             event.synchronize()
         if self.tensors:
-            _atomic_file(self.root / f"{self.name}.safetensors", _write_shard(self.tensors), self.mode)
+            atomic_write_with(self.root / f"{self.name}.safetensors", _write_shard(self.tensors), mode=self.mode)
             # The sidecar after its shard: a reader never sees an index entry without its tensor.
-            _atomic_file(self.root / f"{self.name}.json", _write_text(json.dumps(self.sidecar, default=str)), self.mode)
-        _atomic_file(self.root / INDEX_NAME, _write_text(json.dumps(self.index, indent=1, default=str)), self.mode)
+            atomic_write_with(self.root / f"{self.name}.json", _write_text(json.dumps(self.sidecar, default=str)), mode=self.mode)
+        atomic_write_with(self.root / INDEX_NAME, _write_text(json.dumps(self.index, indent=1, default=str)), mode=self.mode)
 
 
 class _Writer:
@@ -413,7 +390,7 @@ class ShardedStore(ActivationStore):
         self._described: dict[ActivationKey, tuple[tuple[int, ...], str, int]] = {}
         self._n_shards = 0
         self._complete = True
-        self._mode = 0o666 & ~_umask()  # ordinary file permissions, read once here (the umask is process-global)
+        self._mode = file_mode()  # read once here: the umask is process-global, the writer thread must not read it
         self._events: dict[ActivationKey, Any] = {}  # CUDA copy events of buffered tensors
         self._inflight: dict[ActivationKey, Tensor] = {}  # handed to the writer, maybe not yet on disk
         self._inflight_bytes = 0
@@ -597,8 +574,8 @@ class ShardedStore(ActivationStore):
         return index
 
     def _write_index(self, *, closed: bool = False) -> None:
-        _atomic_file(self.root / INDEX_NAME, _write_text(json.dumps(self._index(closed=closed), indent=1, default=str)),
-                     self._mode)
+        atomic_write_with(self.root / INDEX_NAME, _write_text(json.dumps(self._index(closed=closed), indent=1, default=str)),
+                          mode=self._mode)
 
     def close(self) -> None:
         """Flush and finish the store: ``closed: true`` in the index, or ``closed: false`` plus ``aborted``

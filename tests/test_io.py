@@ -8,7 +8,7 @@ import stat
 import pytest
 import torch
 
-from interp.io import MARKER, atomic_write, check_writable_file, prepare_output_dir
+from interp.io import MARKER, atomic_write, atomic_write_with, check_writable_file, prepare_output_dir
 from interp.results import ProbeResult
 
 
@@ -28,6 +28,21 @@ def test_atomic_write_gives_an_ordinary_mode_and_leaves_no_temp_file(tmp_path):
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_atomic_write_with_a_failing_writer_keeps_the_old_file_and_leaves_nothing(tmp_path):
+    path = atomic_write(tmp_path / "a.bin", b"old")
+
+    def half_then_fail(name: str) -> None:
+        with open(name, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_with(path, half_then_fail)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+    atomic_write_with(path, lambda name: open(name, "wb").write(b"new"), mode=0o600)
+    assert path.read_bytes() == b"new" and stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_atomic_write_refuses_a_folder(tmp_path):
