@@ -161,7 +161,12 @@ def _blob_store_class() -> type:
     from interp.store import ShardedStore
 
     class BlobStore(ShardedStore):
-        def _flush(self, *, wait: bool) -> None:
+        def _flush(self, *, wait: bool, final: bool = False) -> None:
+            self._blob_flush()
+            if final:  # the committed close(): flush, then the closing index
+                self._write_index(closed=self.aborted is None)
+
+        def _blob_flush(self) -> None:
             if not self._buffer:
                 return
             from safetensors.torch import save

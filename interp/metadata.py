@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
 
 
+@functools.cache
 def version() -> str:
-    """The installed scorescope version."""
+    """The installed scorescope version (read once per process: every result and store records it)."""
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as _v
 

@@ -521,8 +521,16 @@ class ShardedStore(ActivationStore):
         """Write the buffered tensors as one shard; returns when everything handed over is on disk."""
         self._flush(wait=True)
 
-    def _flush(self, *, wait: bool) -> None:
+    def _flush(self, *, wait: bool, final: bool = False) -> None:
+        """Hand the buffer to the writer (or write it here); ``final``: the index written with it is the closing
+        one (``closed`` unless aborted), so closing costs no extra index write."""
         if self._readonly or self._failed is not None:
+            return
+        if final and not self._buffer:  # nothing left to write but the closing index, after the shard in flight
+            if self._writer is not None:
+                self._writer_call(self._writer.wait)
+                self._inflight, self._inflight_bytes = {}, 0
+            self._write_index(closed=self.aborted is None)
             return
         if self._buffer:
             name = f"shard-{self._n_shards:05d}"
@@ -530,7 +538,8 @@ class ShardedStore(ActivationStore):
             # O(shard), not O(everything so far), and a reader never sees an index entry without its tensor.
             sidecar = {k.encode(): {"shape": list(t.shape), "dtype": self._described[k][1], "bytes": self._described[k][2]}
                        for k, t in self._buffer.items()}
-            index = self._index(n_shards=self._n_shards + 1, n_tensors=len(self._where) + len(self._buffer))
+            index = self._index(closed=final and self.aborted is None, n_shards=self._n_shards + 1,
+                                n_tensors=len(self._where) + len(self._buffer))
             job = _Job(self.root, name, {k.encode(): t for k, t in self._buffer.items()}, sidecar, index,
                        [self._events[k] for k in self._buffer if k in self._events], self._mode)
             if self._writer is None:
@@ -584,16 +593,14 @@ class ShardedStore(ActivationStore):
         if self._readonly or self._closed:
             return
         try:
-            self.flush()
+            self._flush(wait=True, final=True)
         finally:
             if self._writer is not None:
                 self._writer.stop()
             if self._failed is not None:  # the failed shard cannot be written again: finish as aborted
                 self._write_index(closed=False)
                 self._closed = True
-        if not self._closed:
-            self._write_index(closed=self.aborted is None)
-            self._closed = True
+        self._closed = True
 
     # ----------------------------------------------------------------- reading
     def __getitem__(self, key: ActivationKey) -> Tensor:
