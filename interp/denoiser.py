@@ -15,8 +15,10 @@ fraction ``t ∈ [0, 1]`` converts with ``den.timestep(t)``. Timesteps are check
 and a value in ``(0, 1)`` that looks like a fraction), from plain values, so the check also holds when the
 call sits inside a ``torch.func`` transform over ``x_t`` or the tokens.
 
-Coordinates: ``x_t`` is the network's own input, i.e. the variance-preserving sample
-``x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε`` (Euler-type samplers scale their state into this space before calling it).
+Coordinates: ``x_t`` is the network's own input, ``x_t = α_t x₀ + σ_t ε`` with the scheduler's
+:class:`~interp.schedule.Schedule`: the variance-preserving ``α = √ᾱ``, ``σ = √(1−ᾱ)`` (Euler-type samplers
+scale their state into this space before calling it), or the rectified flow ``α = 1 − σ``, ``σ = timestep / T``
+of flow-matching models (SD3, Flux), whose ``"flow"`` prediction is the velocity ``v = ε − x₀``.
 
 Classifier-free guidance comes in two shapes, both labelled for hooks (see :mod:`interp.context`):
 ``cfg_mode="batched"`` makes one call on ``[uncond; cond]`` like the classic diffusers pipelines,
@@ -35,9 +37,10 @@ from torch import Tensor, nn
 
 from interp.conditioning import Conditioning, ConditioningBatch
 from interp.context import batched_cfg_branches, current_call, unet_call
+from interp.schedule import Schedule
 from interp.validation import check_finite, check_guidance_scale, check_timesteps
 
-PredictionType = Literal["epsilon", "v_prediction", "sample"]
+PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
 Branch = Literal["uncond", "cond", "guided"]
 CondLike = Conditioning | Sequence[Conditioning] | ConditioningBatch
 Timestep = Tensor | float | int
@@ -118,8 +121,10 @@ class Denoiser:
             when a call needs them, ``encoder_attention_mask`` / ``added_cond_kwargs``. Its ``config`` may be
             a dict, a diffusers ``FrozenDict``, an attribute object or absent (see :func:`config_view`).
         scheduler: a diffusers scheduler, or its config dict (default: DDPM, 1000 linear steps). Only its
-            noise schedule (``alphas_cumprod``) and prediction type are used here; sampling loops use it too.
-        prediction_type: override the scheduler's ``prediction_type``.
+            noise schedule (:class:`~interp.schedule.Schedule`: ``alphas_cumprod``, or a rectified flow for
+            ``FlowMatch*`` schedulers) and prediction type are used here; sampling loops use it too.
+        prediction_type: override the scheduler's ``prediction_type`` (default ``"flow"`` for flow schedules).
+            ``"flow"`` (velocity ``ε − x₀``) needs a flow schedule; ``"v_prediction"`` a VP one.
         guidance_scale: classifier-free guidance scale, finite and >= 0; ``None`` or ``1.0`` means no guidance,
             ``0`` the unconditional prediction.
         cfg_mode: ``"batched"`` (one call on ``[uncond; cond]``) or ``"separate"`` (one call per branch).
@@ -144,22 +149,29 @@ class Denoiser:
         config_view(getattr(unet, "config", None))  # refuse an unreadable config now, not at first use
         self.unet = unet
         self.scheduler = _scheduler_from(scheduler)
+        self.schedule = Schedule.from_scheduler(self.scheduler)
+        default = "flow" if self.schedule.kind == "flow" else "epsilon"
         self.prediction_type: PredictionType = prediction_type or config_view(self.scheduler.config).get(
-            "prediction_type", "epsilon"
+            "prediction_type", default
         )
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample", "flow"):
             raise ValueError(
-                f"unsupported prediction_type {self.prediction_type!r}; use 'epsilon', 'v_prediction' or 'sample'"
+                f"unsupported prediction_type {self.prediction_type!r}; use 'epsilon', 'v_prediction', 'sample' or 'flow'"
+            )
+        # v = α ε − σ x₀ inverts with α² + σ² = 1 (VP only); the flow velocity ε − x₀ belongs to the flow schedule.
+        wrong = {"flow": "vp", "v_prediction": "flow"}.get(self.prediction_type)
+        if wrong == self.schedule.kind:
+            raise ValueError(
+                f"prediction_type {self.prediction_type!r} does not fit the {self.schedule.kind} schedule of "
+                f"{type(self.scheduler).__name__}: 'flow' needs a flow-matching scheduler, 'v_prediction' a "
+                "variance-preserving one"
             )
         self.guidance_scale = check_guidance_scale(guidance_scale)
         self.cfg_mode = cfg_mode
         self.name = name or type(unet).__name__
         self._accepts = set(params)
         self._var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        alphas = getattr(self.scheduler, "alphas_cumprod", None)
-        if alphas is None:
-            raise ValueError(f"scheduler {type(self.scheduler).__name__} has no alphas_cumprod noise schedule")
-        self.alphas_cumprod = torch.as_tensor(alphas, dtype=torch.float64)
+        self.alphas_cumprod = self.schedule.alphas_cumprod  # VP only (None for flows)
 
     # ----------------------------------------------------------------- model facts
     @property
@@ -170,14 +182,19 @@ class Denoiser:
         """
         return config_view(getattr(self.unet, "config", None))
 
+    def _first_tensor(self) -> Tensor | None:
+        # Parameters first; a parameter-free network (an analytic model) is placed by its buffers.
+        p = next(self.unet.parameters(), None)
+        return p if p is not None else next(self.unet.buffers(), None)
+
     @property
     def device(self) -> torch.device:
-        p = next(self.unet.parameters(), None)
+        p = self._first_tensor()
         return p.device if p is not None else torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
-        p = next(self.unet.parameters(), None)
+        p = self._first_tensor()
         return p.dtype if p is not None else torch.float32
 
     @property
@@ -193,45 +210,47 @@ class Denoiser:
     def num_train_timesteps(self) -> int:
         return int(config_view(self.scheduler.config)["num_train_timesteps"])
 
+    @property
+    def max_timestep(self) -> int:
+        """The largest training timestep: ``num_train_timesteps − 1`` (VP) or ``num_train_timesteps`` (flow)."""
+        return self.schedule.max_timestep
+
     def timestep(self, fraction: float | Sequence[float] | Tensor) -> Tensor:
         """Training timestep(s) at noise ``fraction`` ∈ [0, 1] of the schedule (0 = clean, 1 = pure noise).
 
-        Returns a long tensor of ``fraction``'s shape (0-d for a number), rounded to the nearest timestep.
+        Returns a tensor of ``fraction``'s shape (0-d for a number): the nearest integer timestep (long) on VP
+        schedules, ``fraction · T`` (float32) on flows (see :meth:`interp.schedule.Schedule.timestep`).
         """
-        if isinstance(fraction, bool):
-            raise TypeError(f"fraction must be a noise fraction in [0, 1], got the bool {fraction!r}")
-        f = torch.as_tensor(fraction, dtype=torch.float64)
-        if not torch.isfinite(f).all():
-            raise ValueError(f"fraction must be a noise fraction in [0, 1], got NaN or Inf: {f.flatten()[:8].tolist()}")
-        if (f < 0).any() or (f > 1).any():
-            raise ValueError(f"fraction (noise fraction) must lie in [0, 1], got {f.flatten()[:8].tolist()}")
-        return torch.round(f * (self.num_train_timesteps - 1)).long()
+        return self.schedule.timestep(fraction)
+
+    def fraction(self, timestep: Timestep) -> Tensor:
+        """The noise fraction of training ``timestep`` (inverse of :meth:`timestep`); float64 of its shape."""
+        return self.schedule.fraction(timestep)
 
     def alpha_bar(self, timestep: Timestep) -> Tensor:
         """ᾱ at training ``timestep`` (scalar or ``(B,)``), linearly interpolated between integer timesteps.
 
-        Returns float64 of ``timestep``'s shape, on CPU. Unlike the network calls, any value in
-        ``[0, T − 1]`` is accepted here: interpolating ᾱ at a fractional timestep is well defined.
+        VP schedules only (a flow has no ᾱ: use :meth:`alpha` / :meth:`sigma`). Returns float64 of
+        ``timestep``'s shape, on CPU. Unlike the network calls, any value in ``[0, T − 1]`` is accepted here:
+        interpolating ᾱ at a fractional timestep is well defined.
         """
-        ts = torch.as_tensor(timestep, dtype=torch.float64).cpu()
-        T = self.alphas_cumprod.shape[0]
-        if not torch.isfinite(ts).all():
-            raise ValueError(f"timestep contains NaN or Inf: {ts.flatten()[:8].tolist()}")
-        if (ts < 0).any() or (ts > T - 1).any():
-            raise ValueError(f"timesteps must lie in [0, {T - 1}], got {ts.flatten()[:8].tolist()}")
-        lo = ts.floor().long().clamp(max=T - 1)
-        hi = (lo + 1).clamp(max=T - 1)
-        w = ts - lo
-        return (1 - w) * self.alphas_cumprod[lo] + w * self.alphas_cumprod[hi]
+        return self.schedule.alpha_bar(timestep)
+
+    def alpha(self, timestep: Timestep) -> Tensor:
+        """Signal coefficient α of ``x_t = α x₀ + σ ε`` at training ``timestep``; float64 of its shape."""
+        return self.schedule.alpha(timestep)
 
     def sigma(self, timestep: Timestep) -> Tensor:
-        """Noise std of the VP sample at training ``timestep``, σ = √(1 − ᾱ); float64 of its shape."""
-        return (1 - self.alpha_bar(timestep)).sqrt()
+        """Noise std σ of ``x_t = α x₀ + σ ε`` at training ``timestep`` (VP: √(1 − ᾱ)); float64 of its shape."""
+        return self.schedule.sigma(timestep)
 
     def add_noise(self, x0: Tensor, noise: Tensor, timestep: Timestep) -> Tensor:
-        """Forward process: ``x_t = √ᾱ x₀ + √(1−ᾱ) ε`` at training ``timestep`` (scalar or ``(B,)``); ``x0``'s shape."""
-        ab = self._per_sample(self.alpha_bar(timestep), x0)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        """Forward process: ``x_t = α x₀ + σ ε`` at training ``timestep`` (scalar or ``(B,)``); ``x0``'s shape."""
+        if self.schedule.kind == "vp":
+            ab = self._per_sample(self.alpha_bar(timestep), x0)
+            return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        a, s = (self._per_sample(v, x0) for v in (self.alpha(timestep), self.sigma(timestep)))
+        return a * x0 + s * noise
 
     @staticmethod
     def _per_sample(values: Tensor, like: Tensor) -> Tensor:
@@ -314,7 +333,7 @@ class Denoiser:
 
     def _timesteps(self, timestep: Timestep) -> Tensor:
         """Check ``timestep`` (from its plain values, see :func:`check_timesteps`) and put it on the device."""
-        check_timesteps(timestep, self.num_train_timesteps)
+        check_timesteps(timestep, self.num_train_timesteps, last=self.max_timestep)
         ts = torch.as_tensor(timestep, device=self.device)
         if ts.dim() == 1 and ts.shape[0] == 1:
             ts = ts[0]
@@ -413,18 +432,33 @@ class Denoiser:
         """Convert a raw ``(B, C, H, W)`` prediction of this denoiser's type at training ``timestep`` to ε̂."""
         if self.prediction_type == "epsilon":
             return prediction
-        ab = self._per_sample(self.alpha_bar(timestep), x_t)
-        if self.prediction_type == "v_prediction":
-            return ab.sqrt() * prediction + (1 - ab).sqrt() * x_t
-        return (x_t - ab.sqrt() * prediction) / (1 - ab).sqrt()
+        if self.schedule.kind == "vp":
+            ab = self._per_sample(self.alpha_bar(timestep), x_t)
+            if self.prediction_type == "v_prediction":
+                return ab.sqrt() * prediction + (1 - ab).sqrt() * x_t
+            return (x_t - ab.sqrt() * prediction) / (1 - ab).sqrt()
+        a = self._per_sample(self.alpha(timestep), x_t)
+        if self.prediction_type == "flow":
+            # x_t + α v = α x₀ + σ ε + α (ε − x₀) = (σ + α) ε = ε, since α + σ = 1 on a rectified flow.
+            return x_t + a * prediction
+        s = self._per_sample(self.sigma(timestep), x_t)
+        return (x_t - a * prediction) / s
 
     def to_x0(self, prediction: Tensor, x_t: Tensor, timestep: Timestep) -> Tensor:
-        """Convert a raw ``(B, C, H, W)`` prediction at training ``timestep`` to x̂₀ = (x_t − √(1−ᾱ) ε̂) / √ᾱ."""
-        ab = self._per_sample(self.alpha_bar(timestep), x_t)
-        if self.prediction_type == "v_prediction":
-            # x̂₀ = √ᾱ·x_t − √(1−ᾱ)·v: the same value as via ε̂, without dividing by √ᾱ (≈ 5e-5 at t = T).
-            return ab.sqrt() * x_t - (1 - ab).sqrt() * prediction
-        return (x_t - (1 - ab).sqrt() * self.to_epsilon(prediction, x_t, timestep)) / ab.sqrt()
+        """Convert a raw ``(B, C, H, W)`` prediction at training ``timestep`` to x̂₀ = (x_t − σ ε̂) / α."""
+        if self.schedule.kind == "vp":
+            ab = self._per_sample(self.alpha_bar(timestep), x_t)
+            if self.prediction_type == "v_prediction":
+                # x̂₀ = √ᾱ·x_t − √(1−ᾱ)·v: the same value as via ε̂, without dividing by √ᾱ (≈ 5e-5 at t = T).
+                return ab.sqrt() * x_t - (1 - ab).sqrt() * prediction
+            return (x_t - (1 - ab).sqrt() * self.to_epsilon(prediction, x_t, timestep)) / ab.sqrt()
+        if self.prediction_type == "sample":
+            return prediction
+        s = self._per_sample(self.sigma(timestep), x_t)
+        if self.prediction_type == "flow":
+            return x_t - s * prediction  # no division by α, which is 0 at pure noise
+        a = self._per_sample(self.alpha(timestep), x_t)
+        return (x_t - s * prediction) / a
 
     def score(
         self,
@@ -435,7 +469,7 @@ class Denoiser:
         branch: Branch | None = None,
         guidance_scale: float | None = None,
     ) -> Tensor:
-        """The score ∇_x log p(x_t | c) = −ε̂ / √(1 − ᾱ) at training ``timestep``, ``(B, C, H, W)``.
+        """The score ∇_x log p(x_t | c) = −ε̂ / σ at training ``timestep``, ``(B, C, H, W)`` (VP: σ = √(1 − ᾱ)).
 
         ``timestep`` is scalar or ``(B,)`` (see :meth:`predict`). ``branch=None`` scores what
         :meth:`__call__` predicts (guided if guidance is on).
