@@ -27,7 +27,6 @@ Classifier-free guidance comes in two shapes, both labelled for hooks (see :mod:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Literal
@@ -35,6 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from interp.adapters import Adapter, adapter_for
 from interp.conditioning import Conditioning, ConditioningBatch
 from interp.context import batched_cfg_branches, current_call, unet_call
 from interp.schedule import Schedule
@@ -44,10 +44,6 @@ PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
 Branch = Literal["uncond", "cond", "guided"]
 CondLike = Conditioning | Sequence[Conditioning] | ConditioningBatch
 Timestep = Tensor | float | int
-
-#: The positional parameters every wrapped network's ``forward`` must take, in this order.
-_REQUIRED_POSITIONAL = ("sample", "timestep", "encoder_hidden_states")
-
 
 def config_view(config: Any) -> Mapping[str, Any]:
     """A read-only ``Mapping`` view of a network's ``config``, whatever form it takes.
@@ -75,29 +71,6 @@ def config_view(config: Any) -> Mapping[str, Any]:
         ) from None
 
 
-def _check_forward_signature(unet: nn.Module) -> inspect.Signature:
-    """The signature of ``unet.forward``, refused unless it takes ``(sample, timestep, encoder_hidden_states)``."""
-    try:
-        sig = inspect.signature(unet.forward)
-    except (TypeError, ValueError):  # builtins / C extensions without a signature: nothing to check
-        return inspect.Signature(
-            [inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL), inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
-        )
-    params = list(sig.parameters.values())
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
-        return sig
-    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    if len(positional) < len(_REQUIRED_POSITIONAL):
-        missing = _REQUIRED_POSITIONAL[len(positional):]
-        have = ", ".join(p.name for p in positional) or "nothing"
-        raise TypeError(
-            f"{type(unet).__name__}.forward takes ({have}) but the Denoiser calls it as "
-            f"forward(sample, timestep, encoder_hidden_states, ...): missing parameter(s) {', '.join(missing)}. "
-            "Wrap the network in a module with the UNet2DConditionModel call signature"
-        )
-    return sig
-
-
 def _scheduler_from(scheduler: Any) -> Any:
     from diffusers import DDPMScheduler
 
@@ -112,14 +85,30 @@ def _scheduler_from(scheduler: Any) -> Any:
     return scheduler
 
 
+def _network_of(target: Any) -> tuple[nn.Module, Any]:
+    """``(network, scheduler or None)`` of a module or of a diffusers pipeline (its ``unet`` / ``transformer``)."""
+    if isinstance(target, nn.Module):
+        return target, None
+    for attr in ("unet", "transformer"):
+        net = getattr(target, attr, None)
+        if isinstance(net, nn.Module):
+            return net, getattr(target, "scheduler", None)
+    raise TypeError(
+        f"Denoiser wraps an nn.Module or a diffusers pipeline with a unet / transformer, got {type(target).__name__}"
+    )
+
+
 class Denoiser:
     """Call a diffusion network as ``D(x_t, timestep, c)`` and convert its output to a score.
 
     Args:
-        unet: any module with the ``UNet2DConditionModel`` call signature: ``forward`` takes
-            ``(sample, timestep, encoder_hidden_states)`` positionally (refused at construction otherwise) and,
-            when a call needs them, ``encoder_attention_mask`` / ``added_cond_kwargs``. Its ``config`` may be
-            a dict, a diffusers ``FrozenDict``, an attribute object or absent (see :func:`config_view`).
+        unet: the network, or a diffusers pipeline (its ``unet`` or ``transformer``, and its scheduler unless
+            ``scheduler`` is given). A U-Net-style network has the ``UNet2DConditionModel`` call signature:
+            ``forward`` takes ``(sample, timestep, encoder_hidden_states)`` positionally (refused at construction
+            otherwise) and, when a call needs them, ``encoder_attention_mask`` / ``added_cond_kwargs``. diffusers'
+            PixArt, DiT, SD3 and Flux transformers are called through their family's adapter
+            (:mod:`interp.adapters`), chosen from the class. Its ``config`` may be a dict, a diffusers
+            ``FrozenDict``, an attribute object or absent (see :func:`config_view`).
         scheduler: a diffusers scheduler, or its config dict (default: DDPM, 1000 linear steps). Only its
             noise schedule (:class:`~interp.schedule.Schedule`: ``alphas_cumprod``, or a rectified flow for
             ``FlowMatch*`` schedulers) and prediction type are used here; sampling loops use it too.
@@ -127,8 +116,10 @@ class Denoiser:
             ``"flow"`` (velocity ``ε − x₀``) needs a flow schedule; ``"v_prediction"`` a VP one.
         guidance_scale: classifier-free guidance scale, finite and >= 0; ``None`` or ``1.0`` means no guidance,
             ``0`` the unconditional prediction.
-        cfg_mode: ``"batched"`` (one call on ``[uncond; cond]``) or ``"separate"`` (one call per branch).
+        cfg_mode: ``"batched"`` (one call holding both branches, in the family pipeline's order:
+            ``[uncond; cond]``, DiT ``[cond; uncond]``) or ``"separate"`` (one call per branch).
         name: a name carried into result metadata.
+        adapter: how the network is called (default: :func:`interp.adapters.adapter_for` the network).
     """
 
     def __init__(
@@ -140,15 +131,17 @@ class Denoiser:
         guidance_scale: float | None = None,
         cfg_mode: Literal["batched", "separate"] = "batched",
         name: str | None = None,
+        adapter: Adapter | None = None,
     ) -> None:
-        if not isinstance(unet, nn.Module):
-            raise TypeError(f"Denoiser wraps an nn.Module, got {type(unet).__name__}")
+        unet, pipe_scheduler = _network_of(unet)
         if cfg_mode not in ("batched", "separate"):
             raise ValueError(f"cfg_mode must be 'batched' or 'separate', got {cfg_mode!r}")
-        params = _check_forward_signature(unet).parameters
+        if adapter is not None and not isinstance(adapter, Adapter):
+            raise TypeError(f"adapter must be an interp.adapters.Adapter, got {type(adapter).__name__}")
+        self.adapter = adapter or adapter_for(unet)
         config_view(getattr(unet, "config", None))  # refuse an unreadable config now, not at first use
         self.unet = unet
-        self.scheduler = _scheduler_from(scheduler)
+        self.scheduler = _scheduler_from(scheduler if scheduler is not None else pipe_scheduler)
         self.schedule = Schedule.from_scheduler(self.scheduler)
         default = "flow" if self.schedule.kind == "flow" else "epsilon"
         self.prediction_type: PredictionType = prediction_type or config_view(self.scheduler.config).get(
@@ -169,8 +162,6 @@ class Denoiser:
         self.guidance_scale = check_guidance_scale(guidance_scale)
         self.cfg_mode = cfg_mode
         self.name = name or type(unet).__name__
-        self._accepts = set(params)
-        self._var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         self.alphas_cumprod = self.schedule.alphas_cumprod  # VP only (None for flows)
 
     # ----------------------------------------------------------------- model facts
@@ -198,13 +189,19 @@ class Denoiser:
         return p.dtype if p is not None else torch.float32
 
     @property
+    def family(self) -> str:
+        """The adapter's family name (``"unet"`` for U-Net-style networks, ``"pixart"``, ``"dit"``, ``"sd3"``, ``"flux"``)."""
+        return self.adapter.family
+
+    @property
     def in_channels(self) -> int | None:
-        return self.config.get("in_channels")
+        """Channels ``C`` of ``x_t`` (Flux: the latent channels, before 2×2 packing)."""
+        return self.adapter.in_channels(self.config)
 
     @property
     def cross_attention_dim(self) -> int | None:
-        dim = self.config.get("cross_attention_dim")
-        return dim[0] if isinstance(dim, (list, tuple)) else dim
+        """Width ``D`` of the conditioning tokens the network reads."""
+        return self.adapter.token_dim(self.config)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -302,34 +299,8 @@ class Denoiser:
         return cb
 
     # ----------------------------------------------------------------- calls
-    def _accepts_kw(self, name: str) -> bool:
-        return name in self._accepts or self._var_kw
-
     def _call_unet(self, x: Tensor, timestep: Tensor, cb: ConditioningBatch) -> Tensor:
-        kwargs: dict[str, Any] = {}
-        if not bool(cb.mask.all()):
-            if not self._accepts_kw("encoder_attention_mask"):
-                raise TypeError(
-                    f"{self.name}.forward has no encoder_attention_mask parameter, so it cannot take conditionings "
-                    "of different lengths in one batch: call once per conditioning, use cfg_mode='separate' for "
-                    "guidance, or give forward an encoder_attention_mask parameter"
-                )
-            kwargs["encoder_attention_mask"] = cb.mask
-        if cb.added:
-            if not self._accepts_kw("added_cond_kwargs"):
-                raise TypeError(
-                    f"the conditioning carries added inputs {sorted(cb.added)} but {self.name}.forward has no "
-                    "added_cond_kwargs parameter; use a conditioning built for this model"
-                )
-            kwargs["added_cond_kwargs"] = {k: v.to(self.dtype) for k, v in cb.added.items()}
-        if self._accepts_kw("return_dict"):
-            kwargs["return_dict"] = False
-        out = self.unet(x.to(self.dtype), timestep, cb.tokens.to(self.dtype), **kwargs)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        elif not isinstance(out, Tensor):
-            out = out.sample
-        return out
+        return self.adapter.call(self.unet, x, timestep, cb, self.dtype)
 
     def _timesteps(self, timestep: Timestep) -> Tensor:
         """Check ``timestep`` (from its plain values, see :func:`check_timesteps`) and put it on the device."""
@@ -404,11 +375,16 @@ class Denoiser:
         outer = current_call()
         step = outer.step if outer else None
         if self.cfg_mode == "batched":
-            both = ConditioningBatch.concat([cb_u, cb_c])
+            # The family pipeline's own order ([uncond; cond], DiT [cond; uncond]), labelled as built.
+            order = self.adapter.cfg_order
+            parts = {"uncond": (cb_u, rows_u), "cond": (cb_c, rows_c)}
+            both = ConditioningBatch.concat([parts[b][0] for b in order])
             tt = t if t.dim() == 0 else torch.cat([t, t])
-            with unet_call(batched_cfg_branches(2 * B), step=step, conditionings=rows_u + rows_c):
+            with unet_call(batched_cfg_branches(2 * B, order), step=step,
+                           conditionings=parts[order[0]][1] + parts[order[1]][1]):
                 out = self._call_unet(torch.cat([x_t, x_t]), tt, both).to(x_t.dtype)
-            uncond, cond_out = out[:B], out[B:]
+            halves = dict(zip(order, (out[:B], out[B:])))
+            uncond, cond_out = halves["uncond"], halves["cond"]
         else:
             with unet_call((("uncond", slice(0, B)),), step=step, conditionings=rows_u):
                 uncond = self._call_unet(x_t, t, cb_u).to(x_t.dtype)

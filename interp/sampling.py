@@ -129,7 +129,7 @@ def sample(
     if scheduler is None:
         scheduler = "flow" if den.schedule.kind == "flow" else "ddim"
     sched = make_scheduler(scheduler, den.scheduler)
-    sched.set_timesteps(num_steps, device=den.device)
+    den.adapter.set_timesteps(sched, num_steps, shape, den.device)  # as the family's pipeline does (Flux: its σ grid)
     gen = torch.Generator("cpu").manual_seed(seed)
     if latents is None:
         x = torch.randn(shape, generator=gen, dtype=torch.float32)

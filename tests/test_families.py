@@ -1,0 +1,148 @@
+"""Every supported diffusers family, end to end on tiny random builds (``interp.models.tiny``).
+
+The ground truths: the family's own pipeline (``interp.sample`` through the Denoiser must give its latents for
+the same seed and steps), the unhooked network (a hooked forward changes nothing), and single-branch runs (the
+branches of one batched CFG call, captured, equal separate runs: the test that catches swapped or merged
+branches).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interp import Denoiser, sample
+from interp.capture import capture
+from interp.models import class_conditioning, prompt_conditioning, tiny
+
+FAMILIES = ("sd15", "sd2", "pixart", "dit", "sd3", "flux")
+PHRASES = ["a red cube", "a blue sphere"]
+#: A block site of each family's network (a module list's children).
+BLOCKS = {"sd15": "down_blocks.0.attentions.0", "sd2": "up_blocks.1.attentions.0", "pixart": "transformer_blocks.1",
+          "dit": "transformer_blocks.1", "sd3": "transformer_blocks.0", "flux": "single_transformer_blocks.0"}
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {f: tiny(f, 0) for f in FAMILIES}
+
+
+def _conditioning(pipe, family):
+    if family == "dit":
+        return class_conditioning(pipe, 2)  # an id: DiTPipeline.save_pretrained does not keep the class names
+    with torch.no_grad():  # as the pipelines encode (the fused attention kernel differs with grad on, ~1e-5)
+        return prompt_conditioning(pipe, PHRASES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sample_equals_the_familys_own_pipeline(pipes, family):
+    pipe = pipes[family]
+    cond = _conditioning(pipe, family)
+    scale = None if family == "flux" else 4.0  # tiny Flux is guidance-free (schnell-like): no CFG batch
+    den = Denoiser(pipe, guidance_scale=scale)
+    x = sample(den, cond, shape=(1, 4, 16, 16), num_steps=3, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    if family == "dit":  # DiTPipeline always decodes: decode ours the same way
+        ref = pipe(class_labels=[2], num_inference_steps=3, generator=gen,
+                   guidance_scale=scale, output_type="pt").images
+        with torch.no_grad():
+            mine = (pipe.vae.decode(1 / pipe.vae.config.scaling_factor * x).sample / 2 + 0.5).clamp(0, 1)
+        assert torch.equal(mine, ref)
+        return
+    kwargs = dict(num_inference_steps=3, generator=gen, output_type="latent", height=32, width=32)
+    if family == "pixart":
+        kwargs.update(use_resolution_binning=False, clean_caption=False)
+    if scale is not None:
+        kwargs["guidance_scale"] = scale
+    ref = pipe(", ".join(PHRASES), **kwargs).images
+    if family == "flux":
+        from diffusers import FluxPipeline
+
+        x = FluxPipeline._pack_latents(x, 1, 4, 16, 16)  # the pipeline's latents are packed 2×2 patches
+    assert torch.equal(x, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hooked_forward_equals_unhooked_and_branches_equal_single_runs(pipes, family):
+    pipe = pipes[family]
+    cond = _conditioning(pipe, family)
+    den = Denoiser(pipe, guidance_scale=3.0)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    timestep = den.timestep(0.6)
+    site = BLOCKS[family]
+    with torch.no_grad():
+        plain = den.branches(x, timestep, cond)
+        with capture(den, site) as batched:
+            hooked = den.branches(x, timestep, cond)
+        single = {}
+        for branch in ("uncond", "cond"):
+            with capture(den, site) as cap:
+                out = den.predict(x, timestep, cond, branch=branch)
+            assert torch.allclose(out, plain[branch], atol=1e-5, rtol=1e-5)  # batch 2 vs 4: rounding only
+            single[branch] = cap.store.get(site, branch=branch)
+    for key in plain:
+        assert torch.equal(hooked[key], plain[key]), key
+    for branch in ("uncond", "cond"):
+        got = batched.store.get(site, branch=branch)
+        assert got.shape[0] == 2
+        assert torch.allclose(got, single[branch], atol=1e-5, rtol=1e-5), branch  # batch 4 vs 2: rounding only
+    # the two branches differ, so a swap or a merge could not pass the check above
+    assert not torch.allclose(single["uncond"], single["cond"], atol=1e-3)
+
+
+def test_families_take_their_own_call_layout(pipes):
+    dens = {f: Denoiser(pipes[f]) for f in FAMILIES}
+    assert {f: d.family for f, d in dens.items()} == {
+        "sd15": "unet", "sd2": "unet", "pixart": "pixart", "dit": "dit", "sd3": "sd3", "flux": "flux"}
+    assert dens["dit"].adapter.cfg_order == ("cond", "uncond")  # DiTPipeline stacks [cond; null class]
+    assert dens["flux"].in_channels == 4 and dens["flux"].schedule.kind == "flow"
+    assert dens["sd3"].prediction_type == "flow" and dens["sd2"].prediction_type == "v_prediction"
+    with pytest.raises(TypeError, match="class-conditional: use interp.models.class_conditioning"):
+        prompt_conditioning(pipes["dit"], PHRASES)
+    assert torch.equal(class_conditioning(pipes["dit"], "red cube").tokens, torch.tensor([[2.0]]))
+    with pytest.raises(ValueError, match="unknown class 'unicorn'"):
+        class_conditioning(pipes["dit"], "unicorn")
+    with pytest.raises(ValueError, match="unknown family 'sd4'; choose one of"):
+        tiny("sd4")
+    with pytest.raises(TypeError, match="Denoiser wraps an nn.Module or a diffusers pipeline"):
+        Denoiser(object())
+
+
+def test_phrases_own_their_tokens_in_every_encoder(pipes):
+    sd3 = prompt_conditioning(pipes["sd3"], PHRASES)
+    # CLIP: BOS at 0, "a red cube" = 3 tokens; T5 after the 77 CLIP positions, no BOS.
+    assert sd3.token_indices(0).tolist() == [1, 2, 3, 77, 78, 79]
+    tok = pipes["sd3"].tokenizer_3
+    assert tok.convert_ids_to_tokens(tok(", ".join(PHRASES)).input_ids)[4:7] == ["▁a", "▁blue", "▁sphere"]
+    assert sd3.token_indices(1).tolist()[3:] == [81, 82, 83]
+    pixart = prompt_conditioning(pipes["pixart"], PHRASES)
+    assert pixart.tokens.shape[0] == 8 and pixart.owner.tolist() == [0, 0, 0, -1, 1, 1, 1, -1]  # ',' and EOS
+    flux = prompt_conditioning(pipes["flux"], PHRASES)
+    assert flux.tokens.shape == (512, 32) and set(flux.added) == {"pooled_projections"}
+    dropped = flux.drop(0)
+    assert dropped.tokens.shape[0] == 509 and torch.equal(dropped.added["pooled_projections"], flux.added["pooled_projections"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_model_recognises_each_familys_folder(pipes, family, tmp_path):
+    from interp.models.registry import load_model
+
+    pipes[family].save_pretrained(tmp_path / family)
+    loaded = load_model(tmp_path / family)
+    assert loaded.family == {"sd15": "sd", "sd2": "sd"}.get(family, family)
+    assert type(loaded.pipeline) is type(pipes[family])
+    den, ref = loaded.denoiser, Denoiser(pipes[family])
+    cond = _conditioning(loaded.pipeline, family)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(den(x, den.timestep(0.5), cond), ref(x, ref.timestep(0.5), cond))
+    assert load_model(f"tiny-{family}").family == loaded.family
+
+
+def test_load_model_refuses_an_unsupported_pipeline_folder(tmp_path):
+    from interp.models.registry import load_model
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    with pytest.raises(ValueError, match="holds a KandinskyPipeline pipeline, which scorescope does not support"):
+        load_model(tmp_path / "m")
