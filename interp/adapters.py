@@ -26,6 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from interp.conditioning import ConditioningBatch
+from interp.context import batched_cfg_branches as _batched
+
+#: The DiT pipeline's null class (``DiTPipeline`` hard-codes it for classifier-free guidance).
+DIT_NULL_CLASS = 1000
 
 #: The positional parameters a U-Net-style network's ``forward`` must take, in this order.
 _REQUIRED_POSITIONAL = ("sample", "timestep", "encoder_hidden_states")
@@ -125,6 +129,33 @@ class Adapter:
         """Set ``scheduler``'s sampling timesteps as the family's pipeline does for latents of ``shape``."""
         scheduler.set_timesteps(num_steps, device=device)
 
+    def pipeline_branches(
+        self, args: tuple, kwargs: dict, *, cfg: bool | None, call_in_step: int
+    ) -> tuple[tuple[str, slice], ...]:
+        """The CFG branches of one network call made by the family's *own pipeline* (nobody announced them).
+
+        The classic pipelines stack ``cfg_order`` halves of one batch and feed both halves the *same* latents:
+        a call is labelled as a CFG batch only when its input's halves are equal (verified), and a pipeline that
+        says it runs CFG (``cfg``, its ``do_classifier_free_guidance``) but makes a call whose halves differ
+        is refused rather than guessed at.
+
+        Args:
+            args, kwargs: the network call's arguments. cfg: the pipeline's own CFG flag, ``None`` if it has none.
+            call_in_step: how many network calls the current denoising step made before this one.
+        """
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        batch = int(x.shape[0])
+        half = batch // 2
+        if batch % 2 == 0 and cfg is not False and torch.equal(x[:half], x[half:]):
+            return _batched(batch, self.cfg_order)
+        if cfg:
+            raise ValueError(
+                f"the pipeline runs classifier-free guidance but its {self.name} call of batch {batch} does not "
+                f"hold two equal halves of latents ({'/'.join(self.cfg_order)}); its branch layout is unknown: "
+                "pass capture(..., cfg='batched' | 'separate') or drive the network through an interp.Denoiser"
+            )
+        return (("cond", slice(0, batch)),)
+
 
 class _KeywordAdapter(Adapter):
     """Base of the transformer adapters: their ``forward`` takes ``hidden_states`` and keywords."""
@@ -198,6 +229,26 @@ class DiTAdapter(_KeywordAdapter):
     def token_dim(self, config: Mapping[str, Any]) -> int | None:
         return 1
 
+    def pipeline_branches(
+        self, args: tuple, kwargs: dict, *, cfg: bool | None, call_in_step: int
+    ) -> tuple[tuple[str, slice], ...]:
+        """DiT's pipeline says which rows are unconditional in the call itself: the null class id (1000)."""
+        labels = kwargs.get("class_labels")
+        x = args[0] if args else kwargs.get("hidden_states")
+        batch = int(x.shape[0])
+        if labels is None:
+            return (("cond", slice(0, batch)),)
+        null = (labels.reshape(-1) == DIT_NULL_CLASS).tolist()
+        n = sum(null)
+        if n == 0:
+            return (("cond", slice(0, batch)),)
+        if n == batch:
+            return (("uncond", slice(0, batch)),)
+        if null != [False] * (batch - n) + [True] * n:
+            raise ValueError(f"a DiT call mixes null-class rows {null} in an order that is not [cond; uncond]; "
+                             "drive the network through an interp.Denoiser to label it")
+        return (("cond", slice(0, batch - n)), ("uncond", slice(batch - n, batch)))
+
     def call(self, module: nn.Module, x: Tensor, timestep: Tensor, cb: ConditioningBatch, dtype: torch.dtype) -> Tensor:
         if cb.tokens.shape[1:] != (1, 1):
             raise ValueError(
@@ -242,6 +293,13 @@ class FluxAdapter(_KeywordAdapter):
     def in_channels(self, config: Mapping[str, Any]) -> int | None:
         c = config.get("in_channels")
         return None if c is None else c // 4  # packed tokens hold 2×2 patches
+
+    def pipeline_branches(
+        self, args: tuple, kwargs: dict, *, cfg: bool | None, call_in_step: int
+    ) -> tuple[tuple[str, slice], ...]:
+        """FluxPipeline never batches CFG: with true CFG it calls the prompt, then the negative prompt, per step."""
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        return (("cond" if call_in_step == 0 else "uncond", slice(0, int(x.shape[0]))),)
 
     def call(self, module: nn.Module, x: Tensor, timestep: Tensor, cb: ConditioningBatch, dtype: torch.dtype) -> Tensor:
         from diffusers import FluxPipeline

@@ -16,6 +16,7 @@ from torch import Tensor
 from interp.conditioning import Conditioning, ConditioningBatch
 from interp.context import denoising_step
 from interp.denoiser import CondLike, Denoiser
+from interp.schedule import scheduler_step
 from interp.validation import check_guidance_scale, check_int
 
 SCHEDULERS = {
@@ -29,7 +30,8 @@ _KIND = {"ddim": "vp", "euler": "vp", "ddpm": "vp", "flow": "flow"}
 
 
 class StepCallback(Protocol):
-    """``callback(step, timestep, latents, prediction)``, called after each scheduler step.
+    """``callback(step, timestep, latents, prediction)``, called after each scheduler step (``step`` counts calls of
+    ``scheduler.step``: a Heun step makes two).
 
     ``latents`` is the sampler state *after* the step; ``prediction`` the (guided) network output.
     """
@@ -145,7 +147,9 @@ def sample(
     if "generator" in sched.step.__code__.co_varnames:
         step_kwargs["generator"] = gen
     for i, timestep in enumerate(sched.timesteps):
-        with denoising_step(i):
+        # The scheduler's step, not the loop index: Heun calls the network twice per step.
+        step = scheduler_step(sched, timestep)
+        with denoising_step(i if step is None else step):
             model_in = sched.scale_model_input(x, timestep) if hasattr(sched, "scale_model_input") else x
             pred = den(model_in, timestep, cond, guidance_scale=guidance_scale)
         x = sched.step(pred, timestep, x, **step_kwargs).prev_sample

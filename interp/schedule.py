@@ -122,3 +122,26 @@ class Schedule:
     def fraction(self, timestep: Tensor | float | int) -> Tensor:
         """The noise fraction of training ``timestep``: the inverse of :meth:`timestep` (float64, on CPU)."""
         return self._values(timestep) / self.max_timestep
+
+
+def scheduler_step(scheduler: Any, timestep: Any = None) -> int | None:
+    """The denoising step a network call belongs to, read from the sampler's ``scheduler`` (``None``: unknown).
+
+    A step is one ``num_inference_steps`` unit, not one network call: Heun's second-order correction calls the
+    network again within the same step. Schedulers that keep a ``step_index`` (Euler, Heun, DPM, flow matching)
+    give ``step_index // order`` (``None`` before the first ``step()`` means step 0); the others (DDIM, DDPM,
+    PNDM) give the position of the call's ``timestep`` in ``scheduler.timesteps`` when it occurs there once.
+    """
+    if hasattr(scheduler, "step_index"):
+        index = scheduler.step_index
+        begin = getattr(scheduler, "begin_index", None)
+        index = (begin or 0) if index is None else index
+        return int(index) // int(getattr(scheduler, "order", 1) or 1)
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None or timestep is None:
+        return None
+    ts = torch.as_tensor(timestep).detach().reshape(-1)[:1].to(timesteps.device, timesteps.dtype)
+    if ts.numel() == 0:
+        return None
+    hits = torch.nonzero(timesteps == ts[0]).flatten()
+    return int(hits[0]) if hits.numel() == 1 else None

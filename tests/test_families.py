@@ -146,3 +146,75 @@ def test_load_model_refuses_an_unsupported_pipeline_folder(tmp_path):
     (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
     with pytest.raises(ValueError, match="holds a KandinskyPipeline pipeline, which scorescope does not support"):
         load_model(tmp_path / "m")
+
+
+def _pipeline_call(pipe, family, cond_scale, steps, **extra):
+    gen = torch.Generator().manual_seed(7)
+    if family == "dit":
+        return pipe(class_labels=[2], num_inference_steps=steps, generator=gen, guidance_scale=cond_scale, **extra)
+    kwargs = dict(num_inference_steps=steps, generator=gen, output_type="latent", height=32, width=32, **extra)
+    if family == "pixart":
+        kwargs.update(use_resolution_binning=False, clean_caption=False)
+    if cond_scale is not None:
+        kwargs["guidance_scale"] = cond_scale
+    return pipe(", ".join(PHRASES), **kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_capturing_a_pipeline_labels_steps_and_branches_by_the_familys_layout(pipes, family):
+    """capture(pipe) during the family's own pipeline == capture(den) during interp.sample (labelled by construction).
+
+    interp.sample equals the pipeline bit for bit (above) and the Denoiser's batched branches equal single-branch
+    runs (above), so equal stores mean the pipeline's branches are neither swapped nor merged.
+    """
+    pipe = pipes[family]
+    cond = _conditioning(pipe, family)
+    scale = None if family == "flux" else 4.0
+    site = BLOCKS[family]
+    with torch.no_grad(), capture(pipe, site) as from_pipe:
+        _pipeline_call(pipe, family, scale, 2)
+    den = Denoiser(pipe, guidance_scale=scale)
+    with torch.no_grad(), capture(den, site) as from_den:
+        sample(den, cond, shape=(1, 4, 16, 16), num_steps=2, seed=7)
+    branches = ("cond",) if scale is None else ("uncond", "cond")
+    keys = {(k.step, k.branch) for k in from_pipe.store.keys()}
+    assert keys == {(s, b) for s in (0, 1) for b in branches}
+    for step in (0, 1):
+        for branch in branches:
+            assert torch.equal(from_pipe.store.get(site, step=step, branch=branch),
+                               from_den.store.get(site, step=step, branch=branch)), (step, branch)
+
+
+def test_flux_true_cfg_calls_are_labelled_cond_then_uncond(pipes):
+    pipe = pipes["flux"]
+    cond = _conditioning(pipe, "flux")
+    site = BLOCKS["flux"]
+    with torch.no_grad(), capture(pipe, site) as from_pipe:
+        ref = _pipeline_call(pipe, "flux", None, 2, negative_prompt="", true_cfg_scale=2.0).images
+    den = Denoiser(pipe, guidance_scale=2.0, cfg_mode="separate")
+    with torch.no_grad(), capture(den, site) as from_den:
+        x = sample(den, cond, shape=(1, 4, 16, 16), num_steps=2, seed=7)
+    from diffusers import FluxPipeline
+
+    assert torch.equal(FluxPipeline._pack_latents(x, 1, 4, 16, 16), ref)
+    for step in (0, 1):
+        for branch in ("uncond", "cond"):
+            assert torch.equal(from_pipe.store.get(site, step=step, branch=branch),
+                               from_den.store.get(site, step=step, branch=branch)), (step, branch)
+
+
+def test_heun_steps_are_scheduler_steps_not_network_calls():
+    from diffusers import HeunDiscreteScheduler
+
+    pipe = tiny("sd15", 0)
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    site = BLOCKS["sd15"]
+    with torch.no_grad(), capture(pipe, site) as from_pipe:
+        _pipeline_call(pipe, "sd15", None, 3)
+    calls = sorted({(k.call, k.step) for k in from_pipe.store.keys()})
+    assert [s for _, s in calls] == [0, 0, 1, 1, 2]  # 5 calls: predictor + corrector per step, the last first-order
+    den = Denoiser(pipe)
+    with torch.no_grad(), capture(den, site) as from_den:
+        sample(den, prompt_conditioning(pipe, PHRASES), shape=(1, 4, 16, 16), num_steps=3, seed=7,
+               scheduler=pipe.scheduler)
+    assert [s for _, s in sorted({(k.call, k.step) for k in from_den.store.keys()})] == [0, 0, 1, 1, 2]

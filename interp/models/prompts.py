@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from interp.adapters import DIT_NULL_CLASS
 from interp.conditioning import Conditioning
 
 #: Pipeline class name → family (the text families; DiT is class-conditional).
@@ -183,8 +184,6 @@ def prompt_conditioning(
                         null_added={"pooled_projections": npooled[0]})
 
 
-#: The DiT pipeline's null class (``DiTPipeline`` hard-codes it for classifier-free guidance).
-DIT_NULL_CLASS = 1000
 
 
 def class_conditioning(pipe: Any, label: str | int) -> Conditioning:
