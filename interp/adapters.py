@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from interp.conditioning import ConditioningBatch
 from interp.context import batched_cfg_branches as _batched
+from interp.streams import TokenLayout
 
 #: The DiT pipeline's null class (``DiTPipeline`` hard-codes it for classifier-free guidance).
 DIT_NULL_CLASS = 1000
@@ -129,6 +130,21 @@ class Adapter:
         """Set ``scheduler``'s sampling timesteps as the family's pipeline does for latents of ``shape``."""
         scheduler.set_timesteps(num_steps, device=device)
 
+    # ----------------------------------------------------------------- what a network call holds
+    @staticmethod
+    def network_input(args: tuple, kwargs: dict) -> Any:
+        """The latents a network call received (U-Nets: ``sample``, often positional; transformers: ``hidden_states``)."""
+        return args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+
+    def image_hw(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int] | None:
+        """The latent ``(H, W)`` of a network call (``None`` when its input is not image-shaped)."""
+        x = self.network_input(args, kwargs)
+        return tuple(x.shape[-2:]) if isinstance(x, Tensor) and x.dim() == 4 else None  # type: ignore[return-value]
+
+    def token_layout(self, module: nn.Module, args: tuple, kwargs: dict) -> TokenLayout | None:
+        """Image / text token counts of a call, for networks whose blocks carry both streams (else ``None``)."""
+        return None
+
     def pipeline_branches(
         self, args: tuple, kwargs: dict, *, cfg: bool | None, call_in_step: int
     ) -> tuple[tuple[str, slice], ...]:
@@ -143,7 +159,7 @@ class Adapter:
             args, kwargs: the network call's arguments. cfg: the pipeline's own CFG flag, ``None`` if it has none.
             call_in_step: how many network calls the current denoising step made before this one.
         """
-        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        x = self.network_input(args, kwargs)
         batch = int(x.shape[0])
         half = batch // 2
         if batch % 2 == 0 and cfg is not False and torch.equal(x[:half], x[half:]):
@@ -267,6 +283,13 @@ class SD3Adapter(_KeywordAdapter):
     family = "sd3"
     token_key = "joint_attention_dim"
 
+    def token_layout(self, module: nn.Module, args: tuple, kwargs: dict) -> TokenLayout | None:
+        hw, text = self.image_hw(module, args, kwargs), kwargs.get("encoder_hidden_states")
+        if hw is None or not isinstance(text, Tensor):
+            return None
+        p = int(module.config["patch_size"])
+        return TokenLayout(image=(hw[0] // p) * (hw[1] // p), text=int(text.shape[1]), joint_order=("image", "text"))
+
     def call(self, module: nn.Module, x: Tensor, timestep: Tensor, cb: ConditioningBatch, dtype: torch.dtype) -> Tensor:
         self._refuse_padding(cb)
         out = module(
@@ -293,6 +316,19 @@ class FluxAdapter(_KeywordAdapter):
     def in_channels(self, config: Mapping[str, Any]) -> int | None:
         c = config.get("in_channels")
         return None if c is None else c // 4  # packed tokens hold 2×2 patches
+
+    def image_hw(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int] | None:
+        # Packed tokens carry their patch row and column in img_ids (N, 3): (0, row, col); 2×2 latents per patch.
+        ids = kwargs.get("img_ids")
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[0] == 0:
+            return None
+        return 2 * (int(ids[:, 1].max()) + 1), 2 * (int(ids[:, 2].max()) + 1)
+
+    def token_layout(self, module: nn.Module, args: tuple, kwargs: dict) -> TokenLayout | None:
+        ids, text = kwargs.get("img_ids"), kwargs.get("encoder_hidden_states")
+        if not isinstance(ids, Tensor) or not isinstance(text, Tensor):
+            return None
+        return TokenLayout(image=int(ids.shape[0]), text=int(text.shape[1]), joint_order=("text", "image"))
 
     def pipeline_branches(
         self, args: tuple, kwargs: dict, *, cfg: bool | None, call_in_step: int

@@ -42,9 +42,11 @@ import torch
 from torch import Tensor, nn
 
 from interp.context import UNetCall, batched_cfg_branches, current_call
+from interp.adapters import Adapter, adapter_for
 from interp.hooks import HookSet, primary_tensor
 from interp.schedule import scheduler_step
 from interp.site import Site, SiteError, as_sites, resolve_paths
+from interp.streams import TokenLayout, pick_stream
 from interp.store import DEFAULT_SHARD_BYTES, ActivationKey, ActivationStore, MemoryStore, ShardedStore
 from interp.validation import format_bytes, parse_bytes
 
@@ -224,6 +226,7 @@ class CallState:
     branches: tuple[tuple[str, slice], ...]
     image_hw: tuple[int, int] | None
     runs: dict[str, int] = field(default_factory=dict)
+    layout: TokenLayout | None = None  # image / text token counts of a transformer call (interp.streams)
 
 
 @dataclass(eq=False)  # identity, not field equality: the active-capture registry compares captures with `is`
@@ -259,6 +262,7 @@ class Capture:
     _ran: dict[int, set[tuple[int, str]]] = field(default_factory=dict)  # id(site) -> (step, branch) seen
     _hits: dict[int, int] = field(default_factory=dict)  # id(site) -> tensors recorded
     _step_calls: dict[int, int] = field(default_factory=dict)  # step -> network calls begun in it
+    _family: Adapter | None = None
 
     # ------------------------------------------------------------- lifecycle
     def _begin(self, unet: nn.Module) -> None:
@@ -361,10 +365,8 @@ class Capture:
             branches = ctx.branches
         elif self.cfg is None and pipeline is not None:
             # The family's own CFG layout, verified on the call (see Adapter.pipeline_branches).
-            from interp.adapters import adapter_for
-
             call_in_step = self._step_calls.get(step, 0)
-            branches = adapter_for(module).pipeline_branches(args, kwargs, cfg=self._pipeline_cfg(pipeline),
+            branches = self._adapter(module).pipeline_branches(args, kwargs, cfg=self._pipeline_cfg(pipeline),
                                                              call_in_step=call_in_step)
         elif self._cfg_shape() == "batched":
             branches = batched_cfg_branches(batch)
@@ -373,7 +375,9 @@ class Capture:
         else:
             branches = (("cond", slice(0, batch)),)
         self._step_calls[step] = self._step_calls.get(step, 0) + 1
-        self._state = CallState(self._take_call_index(), step, branches, _input_hw(args, kwargs))
+        adapter = self._adapter(module)
+        self._state = CallState(self._take_call_index(), step, branches, adapter.image_hw(module, args, kwargs),
+                                layout=adapter.token_layout(module, args, kwargs))
 
     def _on_unet_return(self, module: nn.Module, args: tuple, out: Any) -> None:
         if not self._active():
@@ -392,6 +396,14 @@ class Capture:
         log.warning("U-Net call %d raised inside the capture; its partial tensors stay under call=%d",
                     self._state.index, self._state.index)
         self._state = None
+
+    def _adapter(self, module: nn.Module) -> Adapter:
+        """The family adapter of the network (the Denoiser's own, else chosen from the class; built once)."""
+        if self._family is None:
+            from interp.denoiser import Denoiser
+
+            self._family = self.target.adapter if isinstance(self.target, Denoiser) else adapter_for(module)
+        return self._family
 
     def _pipeline(self) -> Any:
         """The target when it is a diffusers pipeline with a scheduler (not a Denoiser or a module), else None."""
@@ -429,7 +441,13 @@ class Capture:
 
         if from_input:
             return lambda module, args, kwargs: read(args[0] if args else next(iter(kwargs.values())))
-        return lambda module, args, out: read(primary_tensor(out))
+
+        def read_output(module: nn.Module, args: tuple, out: Any) -> None:
+            if self._active():  # the stream check reads the call's layout, so only inside this capture's calls
+                layout = self._state.layout if self._state is not None else None
+                read(pick_stream(out, site.stream, layout, path=path))
+
+        return read_output
 
     def record(self, site: Site, path: str, tensor: Tensor, state: CallState) -> None:
         """Store each applicable branch of one module activation ``(B_call, ...)`` as a ``(B_branch, ...)`` copy.
@@ -745,16 +763,23 @@ def _read(den: Any, sites: Sequence[str], cond: Any, x_t: Tensor, ts: Tensor, br
             raise SiteError(f"{pattern!r} matches {len(hits)} modules ({names}...); read_activation needs exact paths")
         modules[hits[0][0]] = hits[0][1]
     box: dict[str, Tensor] = {}
+    layout: list[TokenLayout | None] = [None]  # of the network call: dual-stream outputs read their image stream
+
+    adapter = getattr(den, "adapter", None)
+
+    def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        layout[0] = adapter.token_layout(module, args, kwargs) if adapter is not None else None
 
     def hook_for(path: str) -> Callable:
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
-            box[path] = primary_tensor(out)
+            box[path] = pick_stream(out, None, layout[0], path=path)
             if stop_early and len(box) == len(modules):
                 raise _StopForward
 
         return hook
 
     with HookSet() as hooks:
+        hooks.pre(unet, on_call)
         for path, module in modules.items():
             hooks.forward(module, hook_for(path))
         try:
