@@ -218,3 +218,45 @@ def test_heun_steps_are_scheduler_steps_not_network_calls():
         sample(den, prompt_conditioning(pipe, PHRASES), shape=(1, 4, 16, 16), num_steps=3, seed=7,
                scheduler=pipe.scheduler)
     assert [s for _, s in sorted({(k.call, k.step) for k in from_den.store.keys()})] == [0, 0, 1, 1, 2]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_mode_equals_reverse_mode_with_the_models_own_processors(pipes, family):
+    """u·(J v) by torch.func.jvp (math SDPA kernel, processors untouched) equals (Jᵀ u)·v by reverse mode."""
+    from interp.forward_mode import forward_mode_ready
+
+    pipe = pipes[family]
+    cond = _conditioning(pipe, family)
+    den = Denoiser(pipe)
+    g = torch.Generator().manual_seed(3)
+    x, v, u = (torch.randn(1, 4, 16, 16, generator=g) for _ in range(3))
+    timestep = den.timestep(0.5)
+    def processors():
+        return {name: m.processor for name, m in den.unet.named_modules() if hasattr(m, "processor")}
+
+    procs = processors()
+    assert procs
+
+    def f(inp):
+        return den.predict(inp, timestep, cond)
+
+    with forward_mode_ready(den.unet):
+        assert all(p is procs[k] for k, p in processors().items())  # nothing swapped
+        _, jv = torch.func.jvp(f, (x,), (v,))
+    _, pullback = torch.func.vjp(f, x)
+    (jtu,) = pullback(u)
+    forward, reverse = float((u * jv).sum().detach()), float((jtu * v).sum().detach())
+    assert abs(forward - reverse) <= 1e-4 * max(1.0, abs(reverse)) and abs(reverse) > 1e-3
+    if family != "dit":  # along the conditioning tokens too (DiT's token is a discrete class id)
+        w = torch.randn(cond.tokens.shape, generator=g)
+        ut = torch.randn(1, 4, 16, 16, generator=g)
+
+        def h(tokens):
+            return den.predict(x, timestep, cond.with_tokens(tokens))
+
+        with forward_mode_ready(den.unet):
+            _, jw = torch.func.jvp(h, (cond.tokens,), (w,))
+        _, pb = torch.func.vjp(h, cond.tokens)
+        fw, rv = float((ut * jw).sum().detach()), float((pb(ut)[0] * w).sum().detach())
+        assert abs(fw - rv) <= 1e-4 * max(1.0, abs(rv)) and abs(rv) > 1e-4
+    assert all(p is procs[k] for k, p in processors().items())
