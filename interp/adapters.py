@@ -32,6 +32,11 @@ from interp.streams import TokenLayout
 #: The DiT pipeline's null class (``DiTPipeline`` hard-codes it for classifier-free guidance).
 DIT_NULL_CLASS = 1000
 
+DISCRETE_TOKENS = (
+    "a DiT conditioning is a discrete class id: a derivative with respect to it is undefined. Measure conditioner "
+    "effects by ablation (maps=('ablation',); cond.drop(0) is the null class), or differentiate along x_t"
+)
+
 #: The positional parameters a U-Net-style network's ``forward`` must take, in this order.
 _REQUIRED_POSITIONAL = ("sample", "timestep", "encoder_hidden_states")
 
@@ -74,12 +79,15 @@ class Adapter:
         cfg_order: the branch order of the family pipeline's batched classifier-free-guidance call.
         token_key: the config key holding the token width the network reads.
         channels_key: the config key holding the channels of ``x_t``.
+        discrete_tokens: whether the conditioning tokens hold discrete values (no derivative along them).
     """
 
     family: ClassVar[str] = "unet"
     cfg_order: ClassVar[tuple[str, str]] = ("uncond", "cond")
     token_key: ClassVar[str] = "cross_attention_dim"
     channels_key: ClassVar[str] = "in_channels"
+    #: The tokens encode discrete values (DiT's class id): derivatives along them are undefined.
+    discrete_tokens: ClassVar[bool] = False
 
     def __init__(self, module: nn.Module) -> None:
         params = self.signature(module).parameters
@@ -241,6 +249,7 @@ class DiTAdapter(_KeywordAdapter):
 
     family = "dit"
     cfg_order = ("cond", "uncond")
+    discrete_tokens = True
 
     def token_dim(self, config: Mapping[str, Any]) -> int | None:
         return 1
@@ -271,7 +280,9 @@ class DiTAdapter(_KeywordAdapter):
                 f"a DiT conditioning is one class-id token (1, 1) per row, got tokens {tuple(cb.tokens.shape[1:])}; "
                 "build it with interp.models.class_conditioning(pipe, label)"
             )
-        labels = cb.tokens[:, 0, 0].detach().round().long()
+        if cb.tokens.requires_grad:
+            raise TypeError(DISCRETE_TOKENS)
+        labels = cb.tokens[:, 0, 0].round().long()
         out = module(x.to(dtype), timestep=self._batch_timestep(timestep, x.shape[0]), class_labels=labels,
                      return_dict=False)
         return self._learned_sigma(_first(out), x.shape[1])

@@ -193,6 +193,13 @@ class Denoiser:
         """The adapter's family name (``"unet"`` for U-Net-style networks, ``"pixart"``, ``"dit"``, ``"sd3"``, ``"flux"``)."""
         return self.adapter.family
 
+    def check_token_derivative(self) -> None:
+        """Refuse a derivative along the conditioning tokens where they hold discrete values (DiT class ids)."""
+        if self.adapter.discrete_tokens:
+            from interp.adapters import DISCRETE_TOKENS
+
+            raise TypeError(DISCRETE_TOKENS)
+
     @property
     def in_channels(self) -> int | None:
         """Channels ``C`` of ``x_t`` (Flux: the latent channels, before 2×2 packing)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from interp.hooks import iter_tensors, primary_tensor
@@ -53,6 +54,39 @@ def check_stream(stream: object) -> Stream | None:
     return stream  # type: ignore[return-value]
 
 
+def _locate(output: Any, stream: Stream | None, layout: TokenLayout | None, path: str) -> tuple[Tensor, slice | None]:
+    """The output tensor holding ``stream``, and its token range when it is part of a concatenated sequence."""
+    if layout is None or layout.text is None:
+        if stream == "text":
+            raise StreamError(f"site {path!r}: this network has no text token stream; drop stream='text'")
+        return primary_tensor(output), None
+    tokens = [t for t in iter_tensors(output) if t.dim() == 3]
+    image = [t for t in tokens if t.shape[1] == layout.image]
+    text = [t for t in tokens if t.shape[1] == layout.text]
+    joint = [t for t in tokens if t.shape[1] == layout.image + layout.text]
+    if image and text:
+        if layout.image == layout.text:
+            raise StreamError(
+                f"site {path!r} holds two token sequences of {layout.image} tokens each: the image and text streams "
+                "cannot be told apart by length. Sample at another size or pad the prompt to another length"
+            )
+        return (image if stream != "text" else text)[0], None
+    if joint and not (image or text):
+        # One concatenated sequence (Flux single-stream blocks): the stream is a token range of it.
+        first = layout.joint_order[0]
+        n_first = layout.text if first == "text" else layout.image
+        want = stream or "image"
+        return joint[0], slice(0, n_first) if want == first else slice(n_first, None)
+    if stream is not None:
+        found = text if stream == "text" else image
+        if found:
+            return found[0], None
+        want = layout.text if stream == "text" else layout.image
+        raise StreamError(f"site {path!r} holds no {stream} stream (token counts {[t.shape[1] for t in tokens]}, "
+                          f"the {stream} stream has {want}); pick the other stream or a dual-stream block")
+    return primary_tensor(output), None
+
+
 def pick_stream(output: Any, stream: Stream | None, layout: TokenLayout | None, *, path: str = "") -> Tensor:
     """The tensor of ``stream`` in a module ``output`` (``(B, N, C)`` tokens, or the primary tensor).
 
@@ -65,33 +99,27 @@ def pick_stream(output: Any, stream: Stream | None, layout: TokenLayout | None, 
     Raises:
         StreamError: ``"text"`` asked where there is no text stream, or two streams of equal length.
     """
-    if layout is None or layout.text is None:
-        if stream == "text":
-            raise StreamError(f"site {path!r}: this network has no text token stream; drop stream='text'")
-        return primary_tensor(output)
-    tokens = [t for t in iter_tensors(output) if t.dim() == 3]
-    image = [t for t in tokens if t.shape[1] == layout.image]
-    text = [t for t in tokens if t.shape[1] == layout.text]
-    joint = [t for t in tokens if t.shape[1] == layout.image + layout.text]
-    if image and text:
-        if layout.image == layout.text:
-            raise StreamError(
-                f"site {path!r} holds two token sequences of {layout.image} tokens each: the image and text streams "
-                "cannot be told apart by length. Sample at another size or pad the prompt to another length"
-            )
-        return (image if stream != "text" else text)[0]
-    if joint and not (image or text):
-        # One concatenated sequence (Flux single-stream blocks): slice the stream out.
-        first = layout.joint_order[0]
-        n_first = layout.text if first == "text" else layout.image
-        want = stream or "image"
-        seq = joint[0]
-        return seq[:, :n_first] if want == first else seq[:, n_first:]
-    if stream is not None:
-        found = text if stream == "text" else image
-        if found:
-            return found[0]
-        want = layout.text if stream == "text" else layout.image
-        raise StreamError(f"site {path!r} holds no {stream} stream (token counts {[t.shape[1] for t in tokens]}, "
-                          f"the {stream} stream has {want}); pick the other stream or a dual-stream block")
-    return primary_tensor(output)
+    tensor, tokens = _locate(output, stream, layout, path)
+    return tensor if tokens is None else tensor[:, tokens]
+
+
+def replace_stream(output: Any, stream: Stream | None, layout: TokenLayout | None, new: Tensor, *, path: str = "") -> Any:
+    """``output`` with the tensor :func:`pick_stream` selects replaced by ``new`` (same container type).
+
+    A stream that is one element of a tuple takes that element's place; a stream that is a token range of a
+    concatenated sequence is written into a new sequence (the model's own tensor is never modified in place).
+    """
+    from interp.hooks import replace_primary
+
+    old, tokens = _locate(output, stream, layout, path)
+    if tokens is not None:
+        new = torch.cat([old[:, : tokens.start], new], 1) if tokens.start else torch.cat([new, old[:, tokens.stop:]], 1)
+    if isinstance(output, Tensor):
+        return new
+    if isinstance(output, (tuple, list)):
+        items = list(output)
+        for i, item in enumerate(items):
+            if item is old:
+                items[i] = new
+                return tuple(items) if isinstance(output, tuple) else items
+    return replace_primary(output, new)

@@ -102,6 +102,13 @@ def test_families_take_their_own_call_layout(pipes):
     assert torch.equal(class_conditioning(pipes["dit"], "red cube").tokens, torch.tensor([[2.0]]))
     with pytest.raises(ValueError, match="unknown class 'unicorn'"):
         class_conditioning(pipes["dit"], "unicorn")
+    import probes
+
+    with pytest.raises(TypeError, match="discrete class id: a derivative with respect to it is undefined"):
+        probes.conditional_locality(dens["dit"], class_conditioning(pipes["dit"], 1), t=[0.5], seeds=1)
+    dit_ablation = probes.conditional_locality(dens["dit"], class_conditioning(pipes["dit"], 1), t=[0.5], seeds=1,
+                                               maps=("ablation",), shape=(4, 16, 16))
+    assert dit_ablation["ablation"].shape == (1, 1, 16, 16) and float(dit_ablation["ablation"].max()) > 0
     with pytest.raises(ValueError, match="unknown family 'sd4'; choose one of"):
         tiny("sd4")
     with pytest.raises(TypeError, match="Denoiser wraps an nn.Module or a diffusers pipeline"):
@@ -260,3 +267,47 @@ def test_forward_mode_equals_reverse_mode_with_the_models_own_processors(pipes, 
         fw, rv = float((ut * jw).sum().detach()), float((pb(ut)[0] * w).sum().detach())
         assert abs(fw - rv) <= 1e-4 * max(1.0, abs(rv)) and abs(rv) > 1e-4
     assert all(p is procs[k] for k, p in processors().items())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patching_writes_the_image_stream_of_the_chosen_branch_only(pipes, family):
+    """Patch the cond branch of a corrupted run from a clean run: cond becomes clean, uncond stays corrupted."""
+    import interventions as iv
+
+    pipe = pipes[family]
+    den = Denoiser(pipe, guidance_scale=3.0)
+    clean = _conditioning(pipe, family)
+    with torch.no_grad():
+        other = class_conditioning(pipe, 5) if family == "dit" else prompt_conditioning(pipe, ["a dog"])
+    site, x, ts = BLOCKS[family], torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4)), None
+    ts = den.timestep(0.7)
+    with torch.no_grad():
+        with capture(den, site) as cap_clean:
+            den(x, ts, clean)
+        with capture(den, site) as cap_other:
+            corrupted = den(x, ts, other)
+        with iv.apply(den, iv.Patch(site, source=iv.FromStore(cap_clean.store), branch="cond")), \
+                capture(den, site) as cap_patched:
+            patched = den(x, ts, other)
+        with iv.apply(den, iv.Patch(site, source=iv.FromStore(cap_other.store))):
+            same = den(x, ts, other)
+    assert torch.equal(same, corrupted)  # a run patched with its own activations is unchanged
+    assert torch.equal(cap_patched.store.get(site, branch="cond"), cap_clean.store.get(site, branch="cond"))
+    assert torch.equal(cap_patched.store.get(site, branch="uncond"), cap_other.store.get(site, branch="uncond"))
+    assert not torch.equal(patched, corrupted)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "pixart"])
+def test_probes_run_on_transformers_and_their_modes_agree(pipes, family):
+    import probes
+
+    pipe = pipes[family]
+    den, cond = Denoiser(pipe), _conditioning(pipe, family)
+    kw = dict(t=[0.5], seeds=1, shape=(4, 16, 16), maps=("jvp",), directions=4)
+    fwd = probes.conditional_locality(den, cond, mode="forward", **kw)
+    rev = probes.conditional_locality(den, cond, mode="reverse", **kw)
+    assert fwd["jvp"].shape == (1, 2, 16, 16) and float(fwd["jvp"].min()) >= 0 and float(fwd["jvp"].max()) > 0
+    assert torch.allclose(fwd["jvp"], rev["jvp"], rtol=1e-3, atol=1e-6)
+    pix = probes.pixel_locality(den, cond, t=[0.5], seeds=1, pixels=[(5, 9)], shape=(4, 16, 16))
+    G = pix["G"]
+    assert G.shape[-2:] == (16, 16) and torch.isfinite(G).all() and float(G[..., 5, 9].min()) > 0
