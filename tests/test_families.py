@@ -311,3 +311,27 @@ def test_probes_run_on_transformers_and_their_modes_agree(pipes, family):
     pix = probes.pixel_locality(den, cond, t=[0.5], seeds=1, pixels=[(5, 9)], shape=(4, 16, 16))
     G = pix["G"]
     assert G.shape[-2:] == (16, 16) and torch.isfinite(G).all() and float(G[..., 5, 9].min()) > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nnsight_capture_equals_torch_capture(pipes, family):
+    """The nnsight backend labels a family's branches (DiT: [cond; uncond]) and streams as the torch hooks do."""
+    from interp.capture import capture_run
+
+    pipe = pipes[family]
+    cond = _conditioning(pipe, family)
+    den = Denoiser(pipe, guidance_scale=3.0)
+    site = BLOCKS[family]
+
+    def run():
+        return sample(den, cond, shape=(1, 4, 16, 16), num_steps=2, seed=5)
+
+    with torch.no_grad():
+        torch_cap, a = capture_run(den, site, run)
+        nn_cap, b = capture_run(den, site, run, backend="nnsight", calls=2, count_steps=True)
+    assert torch.equal(a, b)
+    keys = sorted((k.step, k.branch) for k in torch_cap.store.keys())
+    assert keys == sorted((k.step, k.branch) for k in nn_cap.store.keys()) and len(keys) == 4
+    for step, branch in keys:
+        assert torch.equal(torch_cap.store.get(site, step=step, branch=branch),
+                           nn_cap.store.get(site, step=step, branch=branch)), (step, branch)
