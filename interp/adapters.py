@@ -88,6 +88,8 @@ class Adapter:
     channels_key: ClassVar[str] = "in_channels"
     #: The tokens encode discrete values (DiT's class id): derivatives along them are undefined.
     discrete_tokens: ClassVar[bool] = False
+    #: Conditioning tokens of the family pipeline's default prompt (capture plans size a call with it).
+    default_tokens: ClassVar[int] = 77
 
     def __init__(self, module: nn.Module) -> None:
         params = self.signature(module).parameters
@@ -115,7 +117,7 @@ class Adapter:
     def call(self, module: nn.Module, x: Tensor, timestep: Tensor, cb: ConditioningBatch, dtype: torch.dtype) -> Tensor:
         """The network's raw prediction ``(B, C, H, W)`` for ``x (B, C, H, W)`` at ``timestep`` (0-d or ``(B,)``)."""
         kwargs: dict[str, Any] = {}
-        if not bool(cb.mask.all()):
+        if not cb.unpadded:
             if not self.accepts("encoder_attention_mask"):
                 raise TypeError(
                     f"{self.name}.forward has no encoder_attention_mask parameter, so it cannot take conditionings "
@@ -193,7 +195,7 @@ class _KeywordAdapter(Adapter):
         return (timestep[None] if timestep.dim() == 0 else timestep).expand(batch)
 
     def _refuse_padding(self, cb: ConditioningBatch) -> None:
-        if not bool(cb.mask.all()):
+        if not cb.unpadded:
             raise TypeError(
                 f"{self.name} has no text attention mask, so it cannot take conditionings of different lengths in "
                 "one batch (e.g. a phrase dropped beside the full prompt): call once per conditioning, or use "
@@ -217,6 +219,7 @@ class PixArtAdapter(_KeywordAdapter):
 
     family = "pixart"
     token_key = "caption_channels"
+    default_tokens = 120
 
     def __init__(self, module: nn.Module, *, pad_to: int | None = 120) -> None:
         super().__init__(module)
@@ -250,6 +253,7 @@ class DiTAdapter(_KeywordAdapter):
     family = "dit"
     cfg_order = ("cond", "uncond")
     discrete_tokens = True
+    default_tokens = 1
 
     def token_dim(self, config: Mapping[str, Any]) -> int | None:
         return 1
@@ -293,6 +297,7 @@ class SD3Adapter(_KeywordAdapter):
 
     family = "sd3"
     token_key = "joint_attention_dim"
+    default_tokens = 77 + 256
 
     def token_layout(self, module: nn.Module, args: tuple, kwargs: dict) -> TokenLayout | None:
         hw, text = self.image_hw(module, args, kwargs), kwargs.get("encoder_hidden_states")
@@ -323,6 +328,7 @@ class FluxAdapter(_KeywordAdapter):
 
     family = "flux"
     token_key = "joint_attention_dim"
+    default_tokens = 512
 
     def in_channels(self, config: Mapping[str, Any]) -> int | None:
         c = config.get("in_channels")

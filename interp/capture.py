@@ -153,34 +153,45 @@ def plan_capture(
     calls: int = 1,
     store_dtype: torch.dtype | None = None,
 ) -> CapturePlan:
-    """Estimate a capture's bytes with one shape-only U-Net pass on fake tensors.
+    """Estimate a capture's bytes with one shape-only network pass on fake tensors (through the family's adapter).
 
     Args:
         target: Denoiser, pipeline or U-Net.
         sites: what will be captured.
         sample_shape: ``(B, C, H, W)`` of one U-Net call (``2B`` for batched CFG).
-        tokens_shape: ``(B, L, D)`` of ``encoder_hidden_states`` (default ``(B, 77, cross_attention_dim)``).
-        added: shapes of ``added_cond_kwargs`` entries without batch dim (SDXL: text_embeds, time_ids).
+        tokens_shape: ``(B, L, D)`` of the conditioning tokens (default: the family's prompt length — 77 CLIP
+            tokens; PixArt 120, SD3 77 + 256, Flux 512 T5 tokens, DiT one class token — and token width).
+        added: shapes of the conditioning's ``added`` inputs without batch dim (SDXL: text_embeds, time_ids;
+            SD3 / Flux: pooled_projections — the defaults).
         calls: number of U-Net calls (steps x separate CFG calls).
         store_dtype: dtype tensors will be stored in (default: the activations' own).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from interp.conditioning import ConditioningBatch
+    from interp.denoiser import Denoiser
+
     unet = unet_of(target)
+    adapter = target.adapter if isinstance(target, Denoiser) else adapter_for(unet)
     cfg = getattr(unet, "config", {}) or {}
     B = int(sample_shape[0])
     if tokens_shape is None:
-        dim = cfg.get("cross_attention_dim", 768)
-        tokens_shape = (B, 77, dim[0] if isinstance(dim, (list, tuple)) else dim)
+        tokens_shape = (B, adapter.default_tokens, adapter.token_dim(cfg) or 768)
     if added is None and cfg.get("addition_embed_type") == "text_time":
         proj = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
         added = {"text_embeds": (proj,), "time_ids": (6,)}
+    if added is None and cfg.get("pooled_projection_dim") is not None:  # SD3, Flux
+        added = {"pooled_projections": (cfg["pooled_projection_dim"],)}
     resolved = [(s, p, m) for s in as_sites(sites) for p, m in s.resolve(unet)]
     shapes: dict[str, tuple[tuple[int, ...], str, int]] = {}
+    layout: list[TokenLayout | None] = [None]  # of the call: dual-stream sites are sized by their stream
+
+    def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        layout[0] = adapter.token_layout(module, args, kwargs)
 
     def recorder(path: str, site: Site) -> Callable:
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
-            t = args[0] if site.io == "input" else primary_tensor(out)
+            t = args[0] if site.io == "input" else pick_stream(out, site.stream, layout[0], path=path)
             dt = store_dtype or t.dtype
             shapes[path] = (tuple(t.shape), str(dt).removeprefix("torch."), t.numel() * torch.empty((), dtype=dt).element_size())
 
@@ -188,18 +199,20 @@ def plan_capture(
 
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
+    # Built outside the fake mode: a ConditioningBatch reads its mask's values once (its ``unpadded`` flag). Its
+    # empty tokens are small and become fake tensors when the fake pass uses them.
+    cb = ConditioningBatch(
+        tokens=torch.empty(tuple(tokens_shape), device=device, dtype=dtype),
+        mask=torch.ones(tuple(tokens_shape[:2]), dtype=torch.bool),
+        added={k: torch.empty((B, *v), device=device, dtype=dtype) for k, v in (added or {}).items()},
+    )
     with HookSet() as hooks, FakeTensorMode(allow_non_fake_inputs=True):
+        hooks.pre(unet, on_call)
         for site, path, module in resolved:
             hooks.forward(module, recorder(path, site))
-        kwargs: dict[str, Any] = {}
-        if added:
-            kwargs["added_cond_kwargs"] = {k: torch.empty((B, *v), device=device, dtype=dtype) for k, v in added.items()}
-        unet(
-            torch.empty(tuple(sample_shape), device=device, dtype=dtype),
-            torch.tensor(1, device=device),
-            torch.empty(tuple(tokens_shape), device=device, dtype=dtype),
-            **kwargs,
-        )
+        # The call the Denoiser makes, through the family's adapter (keywords, packing, pooled projections).
+        adapter.call(unet, torch.empty(tuple(sample_shape), device=device, dtype=dtype),
+                     torch.tensor(1, device=device), cb, dtype)
     return CapturePlan(per_call=shapes, calls=int(calls))
 
 

@@ -335,3 +335,20 @@ def test_nnsight_capture_equals_torch_capture(pipes, family):
     for step, branch in keys:
         assert torch.equal(torch_cap.store.get(site, step=step, branch=branch),
                            nn_cap.store.get(site, step=step, branch=branch)), (step, branch)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_capture_plans_size_each_familys_calls(pipes, family):
+    """plan_capture's shape-only pass (fake tensors, through the adapter) predicts the bytes a capture stores."""
+    from interp.capture import plan_capture
+
+    pipe = pipes[family]
+    den = Denoiser(pipe, guidance_scale=3.0)
+    cond = _conditioning(pipe, family)
+    site = BLOCKS[family]
+    tokens = 1 if family == "dit" else (cond.tokens.shape[0])
+    plan = plan_capture(den, site, sample_shape=(2, 4, 16, 16), tokens_shape=(2, tokens, cond.tokens.shape[1]), calls=2)
+    with torch.no_grad(), capture(den, site) as cap:
+        sample(den, cond, shape=(1, 4, 16, 16), num_steps=2, seed=0)
+    stored = sum(cap.store[k].numel() * cap.store[k].element_size() for k in cap.store.keys())
+    assert plan.total_bytes == stored > 0
