@@ -352,3 +352,26 @@ def test_capture_plans_size_each_familys_calls(pipes, family):
         sample(den, cond, shape=(1, 4, 16, 16), num_steps=2, seed=0)
     stored = sum(cap.store[k].numel() * cap.store[k].element_size() for k in cap.store.keys())
     assert plan.total_bytes == stored > 0
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd2", "pixart"])
+def test_distance_masked_cross_attention_on_cross_attention_families(pipes, family):
+    """Radius beyond the image: bit-identical; radius 0: every conditioner token hidden = only context tokens."""
+    import dataclasses
+
+    import interventions as iv
+
+    pipe = pipes[family]
+    den = Denoiser(pipe)
+    cond = dataclasses.replace(_conditioning(pipe, family), locations=torch.tensor([[0.25, 0.3], [0.7, 0.6]]))
+    context_only = dataclasses.replace(cond, null_tokens=None).subset([])  # the prompt's tokens minus both phrases
+    x, ts = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(6)), den.timestep(0.5)
+    with torch.no_grad():
+        ref = den(x, ts, cond)
+        with iv.apply(den, iv.MaskCrossAttention("*attn2", radius=2.0)):
+            wide = den(x, ts, cond)
+        with iv.apply(den, iv.MaskCrossAttention("*attn2", radius=0.0)):
+            zero = den(x, ts, cond)
+        without = den(x, ts, context_only)
+    assert torch.equal(wide, ref)
+    assert torch.allclose(zero, without, atol=1e-5) and not torch.allclose(zero, ref, atol=1e-3)
