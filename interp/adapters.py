@@ -75,7 +75,7 @@ class Adapter:
     """Calls a U-Net-style network ``forward(sample, timestep, encoder_hidden_states, ...)`` (the default).
 
     Attributes:
-        family: a short name carried into metadata.
+        family: a short name (``den.family``).
         cfg_order: the branch order of the family pipeline's batched classifier-free-guidance call.
         token_key: the config key holding the token width the network reads.
         channels_key: the config key holding the channels of ``x_t``.

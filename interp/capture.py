@@ -6,8 +6,9 @@ Two ways to read activations:
   :class:`~interp.Denoiser` call, :func:`~interp.sample`, a whole diffusers pipeline) and every call of
   every resolved module is recorded into an :class:`~interp.store.ActivationStore`, keyed by site, step,
   branch and call. Steps and branches come from :mod:`interp.context` when a Denoiser or the sampling
-  loop drives the U-Net; for a raw pipeline call they are inferred from the call count and the CFG shape
-  (``cfg="batched"``: ``[uncond; cond]`` halves; ``cfg="separate"``: alternating calls).
+  loop drives the U-Net; for a raw pipeline call the step comes from the pipeline's scheduler and the branches
+  from the family's CFG layout, verified on the call (:meth:`interp.adapters.Adapter.pipeline_branches`), or
+  from an explicit ``cfg="batched"`` (two halves) / ``cfg="separate"`` (alternating calls).
 * :func:`read_activation` — a *differentiable* read ``read_activation(den, site, cond, x_t=..., t=...)``
   ``-> h_L`` that stops the forward right after the site. Probes use it inside ``torch.func`` transforms.
 
@@ -382,7 +383,7 @@ class Capture:
             branches = self._adapter(module).pipeline_branches(args, kwargs, cfg=self._pipeline_cfg(pipeline),
                                                              call_in_step=call_in_step)
         elif self._cfg_shape() == "batched":
-            branches = batched_cfg_branches(batch)
+            branches = batched_cfg_branches(batch, self._adapter(module).cfg_order)  # the family's order (DiT: cond first)
         elif self._cfg_shape() == "separate":
             branches = ((("uncond", "cond")[self.calls % 2], slice(0, batch)),)
         else:
@@ -595,9 +596,10 @@ def capture(
         budget: memory budget for captured tensors (bytes > 0 or ``"4GiB"``); ``None`` for no limit.
         on_over_budget: ``"stream"`` spills to disk (``spill_dir`` or a temp folder); ``"raise"`` refuses.
         cfg: CFG shape of calls not announced by a Denoiser (raw pipeline / U-Net calls):
-            ``"batched"`` = ``[uncond; cond]`` halves, ``"separate"`` = alternating calls, ``None`` = auto
-            (batched for a pipeline running CFG, else one ``cond`` branch).
-        count_steps: number unannounced calls as steps (default: True for pipelines).
+            ``"batched"`` = two halves in the family's order (``[uncond; cond]``; DiT ``[cond; uncond]``),
+            ``"separate"`` = alternating calls, ``None`` = auto (a pipeline: the family's own layout, verified on
+            each call, see :meth:`interp.adapters.Adapter.pipeline_branches`; else one ``cond`` branch).
+        count_steps: number unannounced calls as steps (default: True for pipelines, whose scheduler says the step).
         store_dtype: store activations in this floating dtype (e.g. ``torch.float16`` to halve the bytes).
         plan: a :func:`plan_capture` estimate: the budget is then checked *before* anything runs.
         metadata: saved with the store (model, seed, ...).

@@ -393,3 +393,16 @@ def test_readme_transformer_snippet_runs_as_written():
     assert latents.shape == (1, 4, 16, 16)
     assert cap.store.get("transformer_blocks.0", step=0, branch="cond").shape == (1, 64, 16)     # image tokens
     assert cap.store.get("transformer_blocks.0.attn", step=0, branch="cond").shape[1] == 77 + 256  # text tokens
+
+
+def test_an_explicit_batched_layout_follows_the_familys_order(pipes):
+    """cfg='batched' on DiT's own pipeline labels its [cond; null] halves as DiT stacks them."""
+    pipe = pipes["dit"]
+    site = BLOCKS["dit"]
+    with torch.no_grad(), capture(pipe, site) as auto:
+        _pipeline_call(pipe, "dit", 4.0, 1)
+    with torch.no_grad(), capture(pipe, site, cfg="batched") as explicit:
+        _pipeline_call(pipe, "dit", 4.0, 1)
+    for branch in ("uncond", "cond"):
+        assert torch.equal(auto.store.get(site, step=0, branch=branch), explicit.store.get(site, step=0, branch=branch))
+    assert not torch.equal(auto.store.get(site, step=0, branch="cond"), auto.store.get(site, step=0, branch="uncond"))
