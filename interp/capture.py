@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from interp.context import UNetCall, batched_cfg_branches, current_call
 from interp.adapters import Adapter, adapter_for
 from interp.hooks import HookSet, primary_tensor
-from interp.schedule import scheduler_step
+from interp.pipeline_calls import PipelineCalls, pipeline_of
 from interp.site import Site, SiteError, as_sites, resolve_paths
 from interp.streams import TokenLayout, pick_stream
 from interp.store import DEFAULT_SHARD_BYTES, ActivationKey, ActivationStore, MemoryStore, ShardedStore
@@ -96,10 +96,6 @@ def _network_input(args: tuple, kwargs: dict) -> Any:
 def _input_hw(args: tuple, kwargs: dict) -> tuple[int, int] | None:
     x = _network_input(args, kwargs)
     return tuple(x.shape[-2:]) if isinstance(x, Tensor) and x.dim() == 4 else None
-
-
-def _call_timestep(args: tuple, kwargs: dict) -> Any:
-    return kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
 
 
 def _batch_of(args: tuple, kwargs: dict) -> int:
@@ -275,8 +271,8 @@ class Capture:
     _next_call: int = 0  # index of the next call *started*: a retried forward gets a new one
     _ran: dict[int, set[tuple[int, str]]] = field(default_factory=dict)  # id(site) -> (step, branch) seen
     _hits: dict[int, int] = field(default_factory=dict)  # id(site) -> tensors recorded
-    _step_calls: dict[int, int] = field(default_factory=dict)  # step -> network calls begun in it
     _family: Adapter | None = None
+    _calls: PipelineCalls | None = None
 
     # ------------------------------------------------------------- lifecycle
     def _begin(self, unet: nn.Module) -> None:
@@ -366,29 +362,25 @@ class Capture:
         branches: tuple[tuple[str, slice], ...]
         # Step and CFG alternation count *completed* calls, so a retried forward gets the failed one's labels;
         # its call index (below) is new, so the two never collide in the store.
-        pipeline = self._pipeline()
+        calls = self._pipeline_calls(module)
+        known = calls.step(args, kwargs) if calls is not None else None
         if ctx is not None and ctx.step is not None:
             step = ctx.step
         elif self.count_steps:
             # A pipeline's scheduler says which step this is (Heun calls twice per step); else count calls.
-            known = scheduler_step(pipeline.scheduler, _call_timestep(args, kwargs)) if pipeline is not None else None
             step = known if known is not None else self.calls // (2 if self._cfg_shape() == "separate" else 1)
         else:
             step = -1
         if ctx is not None and ctx.branches:
             branches = ctx.branches
-        elif self.cfg is None and pipeline is not None:
-            # The family's own CFG layout, verified on the call (see Adapter.pipeline_branches).
-            call_in_step = self._step_calls.get(step, 0)
-            branches = self._adapter(module).pipeline_branches(args, kwargs, cfg=self._pipeline_cfg(pipeline),
-                                                             call_in_step=call_in_step)
+        elif self.cfg is None and calls is not None:
+            branches = calls.branches(args, kwargs, known)  # the family's own layout, verified on the call
         elif self._cfg_shape() == "batched":
             branches = batched_cfg_branches(batch, self._adapter(module).cfg_order)  # the family's order (DiT: cond first)
         elif self._cfg_shape() == "separate":
             branches = ((("uncond", "cond")[self.calls % 2], slice(0, batch)),)
         else:
             branches = (("cond", slice(0, batch)),)
-        self._step_calls[step] = self._step_calls.get(step, 0) + 1
         adapter = self._adapter(module)
         self._state = CallState(self._take_call_index(), step, branches, adapter.image_hw(module, args, kwargs),
                                 layout=adapter.token_layout(module, args, kwargs))
@@ -419,22 +411,11 @@ class Capture:
             self._family = self.target.adapter if isinstance(self.target, Denoiser) else adapter_for(module)
         return self._family
 
-    def _pipeline(self) -> Any:
-        """The target when it is a diffusers pipeline with a scheduler (not a Denoiser or a module), else None."""
-        from interp.denoiser import Denoiser
-
-        if isinstance(self.target, (nn.Module, Denoiser)) or not hasattr(self.target, "scheduler"):
-            return None
-        return self.target
-
-    @staticmethod
-    def _pipeline_cfg(pipeline: Any) -> bool | None:
-        # SD / SDXL / SD3 pipelines expose whether this call runs CFG; PixArt, DiT and Flux decide in locals.
-        try:
-            flag = getattr(pipeline, "do_classifier_free_guidance", None)
-        except AttributeError:  # the property reads state the pipeline sets only inside __call__
-            return None
-        return None if flag is None else bool(flag)
+    def _pipeline_calls(self, module: nn.Module) -> PipelineCalls | None:
+        """The labeller of a raw pipeline run's calls (``None`` unless the target is a pipeline; built once)."""
+        if self._calls is None and pipeline_of(self.target) is not None:
+            self._calls = PipelineCalls(self.target, self._adapter(module))
+        return self._calls
 
     def _cfg_shape(self) -> CfgShape:
         if self.cfg is not None:

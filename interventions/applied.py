@@ -28,6 +28,7 @@ from interp.adapters import Adapter, adapter_for
 from interp.capture import unet_of
 from interp.context import current_call
 from interp.hooks import HookSet, primary_tensor, replace_primary
+from interp.pipeline_calls import PipelineCalls, pipeline_of
 from interp.site import resolve_paths, spatial_view
 from interp.streams import TokenLayout, pick_stream, replace_stream
 
@@ -143,6 +144,7 @@ class Applied:
         self.edits = edits
         self.unet: nn.Module = unet_of(target)
         self._family: Adapter | None = None
+        self._pipeline_calls: PipelineCalls | None = None
         self.sites: list[tuple[int, str]] = []
         self._resolved: list[tuple[int, str, nn.Module]] = []
         self._hooks = HookSet()
@@ -255,11 +257,19 @@ class Applied:
         batch = int(x.shape[0])
         ctx = current_call()
         branches = ctx.branch_slices(batch) if ctx else (("cond", slice(0, batch)),)
+        step = ctx.step if ctx else None
+        if (ctx is None or not ctx.branches) and pipeline_of(self.target) is not None:
+            # A family's own pipeline announces nothing: its scheduler and CFG layout say (interp.pipeline_calls).
+            if self._pipeline_calls is None:
+                self._pipeline_calls = PipelineCalls(self.target, adapter)
+            known = self._pipeline_calls.step(args, kwargs)
+            step = step if step is not None else known
+            branches = self._pipeline_calls.branches(args, kwargs, known)
         conds = ctx.conditionings if ctx else ()
         if conds and len(conds) != batch:
             raise ValueError(f"the U-Net call has {batch} rows but {len(conds)} announced conditionings; is a Compose "
                              "edit of another apply block expanding the batch? Put all edits in one apply(...)")
-        call = _Call(step=ctx.step if ctx else None, timestep=ctx.timestep if ctx else None, branches=branches,
+        call = _Call(step=step, timestep=ctx.timestep if ctx else None, branches=branches,
                      conditionings=conds, image_hw=adapter.image_hw(module, args, kwargs), batch=batch,
                      layout=adapter.token_layout(module, args, kwargs))
         rows = sorted({r for i, e in enumerate(self.edits) if isinstance(e, Compose)

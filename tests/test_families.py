@@ -406,3 +406,21 @@ def test_an_explicit_batched_layout_follows_the_familys_order(pipes):
     for branch in ("uncond", "cond"):
         assert torch.equal(auto.store.get(site, step=0, branch=branch), explicit.store.get(site, step=0, branch=branch))
     assert not torch.equal(auto.store.get(site, step=0, branch="cond"), auto.store.get(site, step=0, branch="uncond"))
+
+
+@pytest.mark.parametrize("family", ["sd15", "dit", "sd3"])
+def test_patching_a_familys_own_pipeline_touches_the_chosen_branch_and_step_only(pipes, family):
+    """iv.apply on a raw pipeline run: its steps and branches come from the scheduler and the family's layout."""
+    import interventions as iv
+
+    pipe = pipes[family]
+    site = BLOCKS[family]
+    with torch.no_grad(), capture(pipe, site) as plain:
+        _pipeline_call(pipe, family, 4.0, 2)
+    with torch.no_grad(), iv.apply(pipe, iv.Patch(site, iv.Zero(), steps=[1], branch="cond")) as applied, \
+            capture(pipe, site) as patched:
+        _pipeline_call(pipe, family, 4.0, 2)
+    assert torch.equal(patched.store.get(site, step=0, branch="cond"), plain.store.get(site, step=0, branch="cond"))
+    assert torch.equal(patched.store.get(site, step=1, branch="uncond"), plain.store.get(site, step=1, branch="uncond"))
+    assert float(patched.store.get(site, step=1, branch="cond").abs().max()) == 0
+    assert applied.frame()[["step", "branch"]].values.tolist() == [[1, "cond"]]
