@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from interp.context import UNetCall, batched_cfg_branches, current_call
 from interp.adapters import Adapter, adapter_for
-from interp.hooks import HookSet, primary_tensor
+from interp.hooks import HookSet
 from interp.pipeline_calls import PipelineCalls, pipeline_of
 from interp.site import Site, SiteError, as_sites, resolve_paths
 from interp.streams import TokenLayout, pick_stream
@@ -87,19 +87,8 @@ def unet_of(target: Any) -> nn.Module:
     raise TypeError(f"cannot find a network in {type(target).__name__}; pass a Denoiser, a pipeline or an nn.Module")
 
 
-def _network_input(args: tuple, kwargs: dict) -> Any:
-    # U-Nets take ``sample`` (often positionally); the diffusers transformers take ``hidden_states`` (SD3 and
-    # Flux pipelines pass it by keyword).
-    return args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-
-
-def _input_hw(args: tuple, kwargs: dict) -> tuple[int, int] | None:
-    x = _network_input(args, kwargs)
-    return tuple(x.shape[-2:]) if isinstance(x, Tensor) and x.dim() == 4 else None
-
-
 def _batch_of(args: tuple, kwargs: dict) -> int:
-    x = _network_input(args, kwargs)
+    x = Adapter.network_input(args, kwargs)
     return int(x.shape[0]) if isinstance(x, Tensor) else 1
 
 
