@@ -431,9 +431,19 @@ def capture_pipeline_nnsight(
     """
     from nnsight.modeling.diffusion import DiffusionModel
 
+    def refuse_transformers(pipe: Any) -> None:
+        if not isinstance(getattr(pipe, "unet", None), nn.Module):
+            raise TypeError(
+                f"capture_pipeline_nnsight runs U-Net pipelines; {type(pipe).__name__} has none. For PixArt, DiT, SD3 "
+                "and Flux use capture_run(interp.Denoiser(pipe), sites, run, backend='nnsight', calls=N)"
+            )
+
+    if not isinstance(model, (DiffusionModel, str, Path)):
+        refuse_transformers(model)  # before a pipeline object is saved and loaded
     if not isinstance(model, DiffusionModel):
         model = load_diffusion_model(model)
     pipe = model.pipeline
+    refuse_transformers(pipe)
     prompts = 1 if isinstance(prompt, str) else len(prompt)
     guided = guidance_scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
     layout = CallLayout(cfg="batched" if guided else None, count_steps=True,

@@ -424,3 +424,10 @@ def test_patching_a_familys_own_pipeline_touches_the_chosen_branch_and_step_only
     assert torch.equal(patched.store.get(site, step=1, branch="uncond"), plain.store.get(site, step=1, branch="uncond"))
     assert float(patched.store.get(site, step=1, branch="cond").abs().max()) == 0
     assert applied.frame()[["step", "branch"]].values.tolist() == [[1, "cond"]]
+
+
+def test_the_nnsight_pipeline_front_end_refuses_transformer_pipelines_with_the_fix(pipes):
+    from interp.nnsight_backend import capture_pipeline_nnsight
+
+    with pytest.raises(TypeError, match=r"use capture_run\(interp.Denoiser\(pipe\), sites, run, backend='nnsight'"):
+        capture_pipeline_nnsight(pipes["sd3"], "transformer_blocks.0", "a red cube", num_inference_steps=1)
