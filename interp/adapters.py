@@ -299,11 +299,27 @@ class SD3Adapter(_KeywordAdapter):
     token_key = "joint_attention_dim"
     default_tokens = 77 + 256
 
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        self.patch_size = int(module.config["patch_size"])
+
+    def set_timesteps(self, scheduler: Any, num_steps: int, shape: tuple[int, ...], device: torch.device) -> None:
+        cfg = scheduler.config
+        if not cfg.get("use_dynamic_shifting"):
+            return super().set_timesteps(scheduler, num_steps, shape, device)
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        # StableDiffusion3Pipeline.__call__: a resolution-dependent shift μ from the number of image patches.
+        tokens = (shape[-2] // self.patch_size) * (shape[-1] // self.patch_size)
+        mu = calculate_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
+        scheduler.set_timesteps(num_steps, device=device, mu=mu)
+
     def token_layout(self, module: nn.Module, args: tuple, kwargs: dict) -> TokenLayout | None:
         hw, text = self.image_hw(module, args, kwargs), kwargs.get("encoder_hidden_states")
         if hw is None or not isinstance(text, Tensor):
             return None
-        p = int(module.config["patch_size"])
+        p = self.patch_size
         return TokenLayout(image=(hw[0] // p) * (hw[1] // p), text=int(text.shape[1]), joint_order=("image", "text"))
 
     def call(self, module: nn.Module, x: Tensor, timestep: Tensor, cb: ConditioningBatch, dtype: torch.dtype) -> Tensor:

@@ -431,3 +431,14 @@ def test_the_nnsight_pipeline_front_end_refuses_transformer_pipelines_with_the_f
 
     with pytest.raises(TypeError, match=r"use capture_run\(interp.Denoiser\(pipe\), sites, run, backend='nnsight'"):
         capture_pipeline_nnsight(pipes["sd3"], "transformer_blocks.0", "a red cube", num_inference_steps=1)
+
+
+def test_sd3_with_a_dynamically_shifted_scheduler_samples_like_its_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = tiny("sd3", 0)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, use_dynamic_shifting=True)
+    cond = _conditioning(pipe, "sd3")
+    x = sample(Denoiser(pipe, guidance_scale=4.0), cond, shape=(1, 4, 16, 16), num_steps=3, seed=7)
+    ref = _pipeline_call(pipe, "sd3", 4.0, 3).images
+    assert torch.equal(x, ref)
