@@ -126,6 +126,8 @@ def test_phrases_own_their_tokens_in_every_encoder(pipes):
     assert pixart.tokens.shape[0] == 8 and pixart.owner.tolist() == [0, 0, 0, -1, 1, 1, 1, -1]  # ',' and EOS
     flux = prompt_conditioning(pipes["flux"], PHRASES)
     assert flux.tokens.shape == (512, 32) and set(flux.added) == {"pooled_projections"}
+    with pytest.raises(ValueError, match="does not start and end on token boundaries"):
+        prompt_conditioning(pipes["sd15"], PHRASES, sep="")  # "cubea" is one word to CLIP: no boundary to split at
     dropped = flux.drop(0)
     assert dropped.tokens.shape[0] == 509 and torch.equal(dropped.added["pooled_projections"], flux.added["pooled_projections"])
 

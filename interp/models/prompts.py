@@ -79,15 +79,15 @@ def phrase_token_spans(tokenizer: Any, phrases: Sequence[str], sep: str, *, offs
     full = tokenizer(sep.join(phrases), add_special_tokens=False).input_ids
     spans, prefix = [], ""
     for i, phrase in enumerate(phrases):
-        start = len(tokenizer(prefix + sep, add_special_tokens=False).input_ids) if i else 0
+        lead = tokenizer(prefix + sep, add_special_tokens=False).input_ids if i else []
         prefix = prefix + (sep if i else "") + phrase
         ids = tokenizer(prefix, add_special_tokens=False).input_ids
-        if full[: len(ids)] != ids or start > len(ids):
+        if full[: len(ids)] != ids or full[: len(lead)] != lead or len(lead) >= len(ids):
             raise ValueError(
-                f"phrase {i} ({phrase!r}) does not end on a token boundary of the prompt; separate phrases with "
-                "punctuation and a space (the default sep=', ')"
+                f"phrase {i} ({phrase!r}) does not start and end on token boundaries of the prompt; separate "
+                "phrases with punctuation and a space (the default sep=', ')"
             )
-        spans.append((offset + start, offset + len(ids)))
+        spans.append((offset + len(lead), offset + len(ids)))
     return spans
 
 
@@ -137,12 +137,14 @@ def prompt_conditioning(
         raise TypeError("a DiT pipeline is class-conditional: use interp.models.class_conditioning(pipe, label)")
     phrases = check_phrases(phrases)
     prompt = sep.join(phrases)
-    device = next(iter(p for p in (getattr(pipe, "unet", None) or pipe.transformer).parameters())).device
+    network = getattr(pipe, "unet", None) or pipe.transformer
+    device = next(network.parameters()).device
     ctx = torch.no_grad() if not torch.is_grad_enabled() else contextlib.nullcontext()
     labels = tuple(phrases)
     if family == "sd":
-        spans = phrase_token_spans(pipe.tokenizer, phrases, sep, offset=1)
-        _check_fits(spans, pipe.tokenizer.model_max_length - 1, "CLIP token")
+        from interp.models.sdxl import phrase_spans
+
+        spans = phrase_spans(pipe.tokenizer, phrases, sep)
         with ctx:
             pe, npe = pipe.encode_prompt(prompt, device, 1, True, negative_prompt)
         return Conditioning(tokens=pe[0], owner=_owner(pe.shape[1], [spans]), labels=labels, null_tokens=npe[0])
@@ -158,9 +160,9 @@ def prompt_conditioning(
         return Conditioning(tokens=pe[0, :n], owner=_owner(n, [spans]), labels=labels, null_tokens=npe[0, :nn_])
     if family == "sd3":
         L = max_sequence_length or 256
-        clip = phrase_token_spans(pipe.tokenizer, phrases, sep, offset=1)
-        _check_fits(clip, pipe.tokenizer_max_length - 1, "CLIP token")
-        groups = [clip]
+        from interp.models.sdxl import phrase_spans
+
+        groups = [phrase_spans(pipe.tokenizer, phrases, sep)]
         if pipe.text_encoder_3 is not None:  # without T5 the pipeline feeds zeros there: no phrase owns them
             t5 = phrase_token_spans(pipe.tokenizer_3, phrases, sep, offset=pipe.tokenizer_max_length)
             _check_fits(t5, pipe.tokenizer_max_length + L - 1, "CLIP + T5 token")
