@@ -6,8 +6,9 @@ Two ways to read activations:
   :class:`~interp.Denoiser` call, :func:`~interp.sample`, a whole diffusers pipeline) and every call of
   every resolved module is recorded into an :class:`~interp.store.ActivationStore`, keyed by site, step,
   branch and call. Steps and branches come from :mod:`interp.context` when a Denoiser or the sampling
-  loop drives the U-Net; for a raw pipeline call they are inferred from the call count and the CFG shape
-  (``cfg="batched"``: ``[uncond; cond]`` halves; ``cfg="separate"``: alternating calls).
+  loop drives the U-Net; for a raw pipeline call the step comes from the pipeline's scheduler and the branches
+  from the family's CFG layout, verified on the call (:meth:`interp.adapters.Adapter.pipeline_branches`), or
+  from an explicit ``cfg="batched"`` (two halves) / ``cfg="separate"`` (alternating calls).
 * :func:`read_activation` — a *differentiable* read ``read_activation(den, site, cond, x_t=..., t=...)``
   ``-> h_L`` that stops the forward right after the site. Probes use it inside ``torch.func`` transforms.
 
@@ -42,8 +43,11 @@ import torch
 from torch import Tensor, nn
 
 from interp.context import UNetCall, batched_cfg_branches, current_call
-from interp.hooks import HookSet, primary_tensor
+from interp.adapters import Adapter, adapter_for
+from interp.hooks import HookSet
+from interp.pipeline_calls import PipelineCalls, pipeline_of
 from interp.site import Site, SiteError, as_sites, resolve_paths
+from interp.streams import TokenLayout, pick_stream
 from interp.store import DEFAULT_SHARD_BYTES, ActivationKey, ActivationStore, MemoryStore, ShardedStore
 from interp.validation import format_bytes, parse_bytes
 
@@ -83,13 +87,8 @@ def unet_of(target: Any) -> nn.Module:
     raise TypeError(f"cannot find a network in {type(target).__name__}; pass a Denoiser, a pipeline or an nn.Module")
 
 
-def _input_hw(args: tuple, kwargs: dict) -> tuple[int, int] | None:
-    x = args[0] if args else kwargs.get("sample")
-    return tuple(x.shape[-2:]) if isinstance(x, Tensor) and x.dim() == 4 else None
-
-
 def _batch_of(args: tuple, kwargs: dict) -> int:
-    x = args[0] if args else kwargs.get("sample")
+    x = Adapter.network_input(args, kwargs)
     return int(x.shape[0]) if isinstance(x, Tensor) else 1
 
 
@@ -140,34 +139,45 @@ def plan_capture(
     calls: int = 1,
     store_dtype: torch.dtype | None = None,
 ) -> CapturePlan:
-    """Estimate a capture's bytes with one shape-only U-Net pass on fake tensors.
+    """Estimate a capture's bytes with one shape-only network pass on fake tensors (through the family's adapter).
 
     Args:
         target: Denoiser, pipeline or U-Net.
         sites: what will be captured.
         sample_shape: ``(B, C, H, W)`` of one U-Net call (``2B`` for batched CFG).
-        tokens_shape: ``(B, L, D)`` of ``encoder_hidden_states`` (default ``(B, 77, cross_attention_dim)``).
-        added: shapes of ``added_cond_kwargs`` entries without batch dim (SDXL: text_embeds, time_ids).
+        tokens_shape: ``(B, L, D)`` of the conditioning tokens (default: the family's prompt length — 77 CLIP
+            tokens; PixArt 120, SD3 77 + 256, Flux 512 T5 tokens, DiT one class token — and token width).
+        added: shapes of the conditioning's ``added`` inputs without batch dim (SDXL: text_embeds, time_ids;
+            SD3 / Flux: pooled_projections — the defaults).
         calls: number of U-Net calls (steps x separate CFG calls).
         store_dtype: dtype tensors will be stored in (default: the activations' own).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from interp.conditioning import ConditioningBatch
+    from interp.denoiser import Denoiser
+
     unet = unet_of(target)
+    adapter = target.adapter if isinstance(target, Denoiser) else adapter_for(unet)
     cfg = getattr(unet, "config", {}) or {}
     B = int(sample_shape[0])
     if tokens_shape is None:
-        dim = cfg.get("cross_attention_dim", 768)
-        tokens_shape = (B, 77, dim[0] if isinstance(dim, (list, tuple)) else dim)
+        tokens_shape = (B, adapter.default_tokens, adapter.token_dim(cfg) or 768)
     if added is None and cfg.get("addition_embed_type") == "text_time":
         proj = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
         added = {"text_embeds": (proj,), "time_ids": (6,)}
+    if added is None and cfg.get("pooled_projection_dim") is not None:  # SD3, Flux
+        added = {"pooled_projections": (cfg["pooled_projection_dim"],)}
     resolved = [(s, p, m) for s in as_sites(sites) for p, m in s.resolve(unet)]
     shapes: dict[str, tuple[tuple[int, ...], str, int]] = {}
+    layout: list[TokenLayout | None] = [None]  # of the call: dual-stream sites are sized by their stream
+
+    def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        layout[0] = adapter.token_layout(module, args, kwargs)
 
     def recorder(path: str, site: Site) -> Callable:
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
-            t = args[0] if site.io == "input" else primary_tensor(out)
+            t = args[0] if site.io == "input" else pick_stream(out, site.stream, layout[0], path=path)
             dt = store_dtype or t.dtype
             shapes[path] = (tuple(t.shape), str(dt).removeprefix("torch."), t.numel() * torch.empty((), dtype=dt).element_size())
 
@@ -175,18 +185,20 @@ def plan_capture(
 
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
+    # Built outside the fake mode: a ConditioningBatch reads its mask's values once (its ``unpadded`` flag). Its
+    # empty tokens are small and become fake tensors when the fake pass uses them.
+    cb = ConditioningBatch(
+        tokens=torch.empty(tuple(tokens_shape), device=device, dtype=dtype),
+        mask=torch.ones(tuple(tokens_shape[:2]), dtype=torch.bool),
+        added={k: torch.empty((B, *v), device=device, dtype=dtype) for k, v in (added or {}).items()},
+    )
     with HookSet() as hooks, FakeTensorMode(allow_non_fake_inputs=True):
+        hooks.pre(unet, on_call)
         for site, path, module in resolved:
             hooks.forward(module, recorder(path, site))
-        kwargs: dict[str, Any] = {}
-        if added:
-            kwargs["added_cond_kwargs"] = {k: torch.empty((B, *v), device=device, dtype=dtype) for k, v in added.items()}
-        unet(
-            torch.empty(tuple(sample_shape), device=device, dtype=dtype),
-            torch.tensor(1, device=device),
-            torch.empty(tuple(tokens_shape), device=device, dtype=dtype),
-            **kwargs,
-        )
+        # The call the Denoiser makes, through the family's adapter (keywords, packing, pooled projections).
+        adapter.call(unet, torch.empty(tuple(sample_shape), device=device, dtype=dtype),
+                     torch.tensor(1, device=device), cb, dtype)
     return CapturePlan(per_call=shapes, calls=int(calls))
 
 
@@ -213,6 +225,7 @@ class CallState:
     branches: tuple[tuple[str, slice], ...]
     image_hw: tuple[int, int] | None
     runs: dict[str, int] = field(default_factory=dict)
+    layout: TokenLayout | None = None  # image / text token counts of a transformer call (interp.streams)
 
 
 @dataclass(eq=False)  # identity, not field equality: the active-capture registry compares captures with `is`
@@ -247,6 +260,8 @@ class Capture:
     _next_call: int = 0  # index of the next call *started*: a retried forward gets a new one
     _ran: dict[int, set[tuple[int, str]]] = field(default_factory=dict)  # id(site) -> (step, branch) seen
     _hits: dict[int, int] = field(default_factory=dict)  # id(site) -> tensors recorded
+    _family: Adapter | None = None
+    _calls: PipelineCalls | None = None
 
     # ------------------------------------------------------------- lifecycle
     def _begin(self, unet: nn.Module) -> None:
@@ -336,21 +351,28 @@ class Capture:
         branches: tuple[tuple[str, slice], ...]
         # Step and CFG alternation count *completed* calls, so a retried forward gets the failed one's labels;
         # its call index (below) is new, so the two never collide in the store.
+        calls = self._pipeline_calls(module)
+        known = calls.step(args, kwargs) if calls is not None else None
+        if ctx is not None and ctx.step is not None:
+            step = ctx.step
+        elif self.count_steps:
+            # A pipeline's scheduler says which step this is (Heun calls twice per step); else count calls.
+            step = known if known is not None else self.calls // (2 if self._cfg_shape() == "separate" else 1)
+        else:
+            step = -1
         if ctx is not None and ctx.branches:
             branches = ctx.branches
+        elif self.cfg is None and calls is not None:
+            branches = calls.branches(args, kwargs, known)  # the family's own layout, verified on the call
         elif self._cfg_shape() == "batched":
-            branches = batched_cfg_branches(batch)
+            branches = batched_cfg_branches(batch, self._adapter(module).cfg_order)  # the family's order (DiT: cond first)
         elif self._cfg_shape() == "separate":
             branches = ((("uncond", "cond")[self.calls % 2], slice(0, batch)),)
         else:
             branches = (("cond", slice(0, batch)),)
-        if ctx is not None and ctx.step is not None:
-            step = ctx.step
-        elif self.count_steps:
-            step = self.calls // (2 if self._cfg_shape() == "separate" else 1)
-        else:
-            step = -1
-        self._state = CallState(self._take_call_index(), step, branches, _input_hw(args, kwargs))
+        adapter = self._adapter(module)
+        self._state = CallState(self._take_call_index(), step, branches, adapter.image_hw(module, args, kwargs),
+                                layout=adapter.token_layout(module, args, kwargs))
 
     def _on_unet_return(self, module: nn.Module, args: tuple, out: Any) -> None:
         if not self._active():
@@ -369,6 +391,20 @@ class Capture:
         log.warning("U-Net call %d raised inside the capture; its partial tensors stay under call=%d",
                     self._state.index, self._state.index)
         self._state = None
+
+    def _adapter(self, module: nn.Module) -> Adapter:
+        """The family adapter of the network (the Denoiser's own, else chosen from the class; built once)."""
+        if self._family is None:
+            from interp.denoiser import Denoiser
+
+            self._family = self.target.adapter if isinstance(self.target, Denoiser) else adapter_for(module)
+        return self._family
+
+    def _pipeline_calls(self, module: nn.Module) -> PipelineCalls | None:
+        """The labeller of a raw pipeline run's calls (``None`` unless the target is a pipeline; built once)."""
+        if self._calls is None and pipeline_of(self.target) is not None:
+            self._calls = PipelineCalls(self.target, self._adapter(module))
+        return self._calls
 
     def _cfg_shape(self) -> CfgShape:
         if self.cfg is not None:
@@ -389,7 +425,13 @@ class Capture:
 
         if from_input:
             return lambda module, args, kwargs: read(args[0] if args else next(iter(kwargs.values())))
-        return lambda module, args, out: read(primary_tensor(out))
+
+        def read_output(module: nn.Module, args: tuple, out: Any) -> None:
+            if self._active():  # the stream check reads the call's layout, so only inside this capture's calls
+                layout = self._state.layout if self._state is not None else None
+                read(pick_stream(out, site.stream, layout, path=path))
+
+        return read_output
 
     def record(self, site: Site, path: str, tensor: Tensor, state: CallState) -> None:
         """Store each applicable branch of one module activation ``(B_call, ...)`` as a ``(B_branch, ...)`` copy.
@@ -524,9 +566,10 @@ def capture(
         budget: memory budget for captured tensors (bytes > 0 or ``"4GiB"``); ``None`` for no limit.
         on_over_budget: ``"stream"`` spills to disk (``spill_dir`` or a temp folder); ``"raise"`` refuses.
         cfg: CFG shape of calls not announced by a Denoiser (raw pipeline / U-Net calls):
-            ``"batched"`` = ``[uncond; cond]`` halves, ``"separate"`` = alternating calls, ``None`` = auto
-            (batched for a pipeline running CFG, else one ``cond`` branch).
-        count_steps: number unannounced calls as steps (default: True for pipelines).
+            ``"batched"`` = two halves in the family's order (``[uncond; cond]``; DiT ``[cond; uncond]``),
+            ``"separate"`` = alternating calls, ``None`` = auto (a pipeline: the family's own layout, verified on
+            each call, see :meth:`interp.adapters.Adapter.pipeline_branches`; else one ``cond`` branch).
+        count_steps: number unannounced calls as steps (default: True for pipelines, whose scheduler says the step).
         store_dtype: store activations in this floating dtype (e.g. ``torch.float16`` to halve the bytes).
         plan: a :func:`plan_capture` estimate: the budget is then checked *before* anything runs.
         metadata: saved with the store (model, seed, ...).
@@ -705,16 +748,23 @@ def _read(den: Any, sites: Sequence[str], cond: Any, x_t: Tensor, ts: Tensor, br
             raise SiteError(f"{pattern!r} matches {len(hits)} modules ({names}...); read_activation needs exact paths")
         modules[hits[0][0]] = hits[0][1]
     box: dict[str, Tensor] = {}
+    layout: list[TokenLayout | None] = [None]  # of the network call: dual-stream outputs read their image stream
+
+    adapter = getattr(den, "adapter", None)
+
+    def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        layout[0] = adapter.token_layout(module, args, kwargs) if adapter is not None else None
 
     def hook_for(path: str) -> Callable:
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
-            box[path] = primary_tensor(out)
+            box[path] = pick_stream(out, None, layout[0], path=path)
             if stop_early and len(box) == len(modules):
                 raise _StopForward
 
         return hook
 
     with HookSet() as hooks:
+        hooks.pre(unet, on_call)
         for path, module in modules.items():
             hooks.forward(module, hook_for(path))
         try:

@@ -355,6 +355,9 @@ class ConditioningBatch:
     mask: Tensor
     added: dict[str, Tensor]
     rows: tuple[Conditioning, ...] = ()
+    #: Whether every token of every row is attended (no padding): read once, when the batch is built, so that
+    #: a network call never has to read mask values (e.g. inside a fake-tensor shape pass).
+    unpadded: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokens, Tensor) or self.tokens.dim() != 3:
@@ -377,6 +380,7 @@ class ConditioningBatch:
                     f"ConditioningBatch.added[{key!r}] must have the batch size {self.tokens.shape[0]} first, "
                     f"got shape {tuple(value.shape)}"
                 )
+        object.__setattr__(self, "unpadded", bool(self.mask.all()))
 
     @property
     def batch_size(self) -> int:

@@ -15,8 +15,10 @@ fraction ``t ∈ [0, 1]`` converts with ``den.timestep(t)``. Timesteps are check
 and a value in ``(0, 1)`` that looks like a fraction), from plain values, so the check also holds when the
 call sits inside a ``torch.func`` transform over ``x_t`` or the tokens.
 
-Coordinates: ``x_t`` is the network's own input, i.e. the variance-preserving sample
-``x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε`` (Euler-type samplers scale their state into this space before calling it).
+Coordinates: ``x_t`` is the network's own input, ``x_t = α_t x₀ + σ_t ε`` with the scheduler's
+:class:`~interp.schedule.Schedule`: the variance-preserving ``α = √ᾱ``, ``σ = √(1−ᾱ)`` (Euler-type samplers
+scale their state into this space before calling it), or the rectified flow ``α = 1 − σ``, ``σ = timestep / T``
+of flow-matching models (SD3, Flux), whose ``"flow"`` prediction is the velocity ``v = ε − x₀``.
 
 Classifier-free guidance comes in two shapes, both labelled for hooks (see :mod:`interp.context`):
 ``cfg_mode="batched"`` makes one call on ``[uncond; cond]`` like the classic diffusers pipelines,
@@ -25,7 +27,6 @@ Classifier-free guidance comes in two shapes, both labelled for hooks (see :mod:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Literal
@@ -33,18 +34,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from interp.adapters import Adapter, adapter_for
 from interp.conditioning import Conditioning, ConditioningBatch
 from interp.context import batched_cfg_branches, current_call, unet_call
+from interp.schedule import Schedule
 from interp.validation import check_finite, check_guidance_scale, check_timesteps
 
-PredictionType = Literal["epsilon", "v_prediction", "sample"]
+PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
 Branch = Literal["uncond", "cond", "guided"]
 CondLike = Conditioning | Sequence[Conditioning] | ConditioningBatch
 Timestep = Tensor | float | int
-
-#: The positional parameters every wrapped network's ``forward`` must take, in this order.
-_REQUIRED_POSITIONAL = ("sample", "timestep", "encoder_hidden_states")
-
 
 def config_view(config: Any) -> Mapping[str, Any]:
     """A read-only ``Mapping`` view of a network's ``config``, whatever form it takes.
@@ -72,29 +71,6 @@ def config_view(config: Any) -> Mapping[str, Any]:
         ) from None
 
 
-def _check_forward_signature(unet: nn.Module) -> inspect.Signature:
-    """The signature of ``unet.forward``, refused unless it takes ``(sample, timestep, encoder_hidden_states)``."""
-    try:
-        sig = inspect.signature(unet.forward)
-    except (TypeError, ValueError):  # builtins / C extensions without a signature: nothing to check
-        return inspect.Signature(
-            [inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL), inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
-        )
-    params = list(sig.parameters.values())
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
-        return sig
-    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    if len(positional) < len(_REQUIRED_POSITIONAL):
-        missing = _REQUIRED_POSITIONAL[len(positional):]
-        have = ", ".join(p.name for p in positional) or "nothing"
-        raise TypeError(
-            f"{type(unet).__name__}.forward takes ({have}) but the Denoiser calls it as "
-            f"forward(sample, timestep, encoder_hidden_states, ...): missing parameter(s) {', '.join(missing)}. "
-            "Wrap the network in a module with the UNet2DConditionModel call signature"
-        )
-    return sig
-
-
 def _scheduler_from(scheduler: Any) -> Any:
     from diffusers import DDPMScheduler
 
@@ -109,21 +85,41 @@ def _scheduler_from(scheduler: Any) -> Any:
     return scheduler
 
 
+def _network_of(target: Any) -> tuple[nn.Module, Any]:
+    """``(network, scheduler or None)`` of a module or of a diffusers pipeline (its ``unet`` / ``transformer``)."""
+    if isinstance(target, nn.Module):
+        return target, None
+    for attr in ("unet", "transformer"):
+        net = getattr(target, attr, None)
+        if isinstance(net, nn.Module):
+            return net, getattr(target, "scheduler", None)
+    raise TypeError(
+        f"Denoiser wraps an nn.Module or a diffusers pipeline with a unet / transformer, got {type(target).__name__}"
+    )
+
+
 class Denoiser:
     """Call a diffusion network as ``D(x_t, timestep, c)`` and convert its output to a score.
 
     Args:
-        unet: any module with the ``UNet2DConditionModel`` call signature: ``forward`` takes
-            ``(sample, timestep, encoder_hidden_states)`` positionally (refused at construction otherwise) and,
-            when a call needs them, ``encoder_attention_mask`` / ``added_cond_kwargs``. Its ``config`` may be
-            a dict, a diffusers ``FrozenDict``, an attribute object or absent (see :func:`config_view`).
+        unet: the network, or a diffusers pipeline (its ``unet`` or ``transformer``, and its scheduler unless
+            ``scheduler`` is given). A U-Net-style network has the ``UNet2DConditionModel`` call signature:
+            ``forward`` takes ``(sample, timestep, encoder_hidden_states)`` positionally (refused at construction
+            otherwise) and, when a call needs them, ``encoder_attention_mask`` / ``added_cond_kwargs``. diffusers'
+            PixArt, DiT, SD3 and Flux transformers are called through their family's adapter
+            (:mod:`interp.adapters`), chosen from the class. Its ``config`` may be a dict, a diffusers
+            ``FrozenDict``, an attribute object or absent (see :func:`config_view`).
         scheduler: a diffusers scheduler, or its config dict (default: DDPM, 1000 linear steps). Only its
-            noise schedule (``alphas_cumprod``) and prediction type are used here; sampling loops use it too.
-        prediction_type: override the scheduler's ``prediction_type``.
+            noise schedule (:class:`~interp.schedule.Schedule`: ``alphas_cumprod``, or a rectified flow for
+            ``FlowMatch*`` schedulers) and prediction type are used here; sampling loops use it too.
+        prediction_type: override the scheduler's ``prediction_type`` (default ``"flow"`` for flow schedules).
+            ``"flow"`` (velocity ``ε − x₀``) needs a flow schedule; ``"v_prediction"`` a VP one.
         guidance_scale: classifier-free guidance scale, finite and >= 0; ``None`` or ``1.0`` means no guidance,
             ``0`` the unconditional prediction.
-        cfg_mode: ``"batched"`` (one call on ``[uncond; cond]``) or ``"separate"`` (one call per branch).
+        cfg_mode: ``"batched"`` (one call holding both branches, in the family pipeline's order:
+            ``[uncond; cond]``, DiT ``[cond; uncond]``) or ``"separate"`` (one call per branch).
         name: a name carried into result metadata.
+        adapter: how the network is called (default: :func:`interp.adapters.adapter_for` the network).
     """
 
     def __init__(
@@ -135,31 +131,38 @@ class Denoiser:
         guidance_scale: float | None = None,
         cfg_mode: Literal["batched", "separate"] = "batched",
         name: str | None = None,
+        adapter: Adapter | None = None,
     ) -> None:
-        if not isinstance(unet, nn.Module):
-            raise TypeError(f"Denoiser wraps an nn.Module, got {type(unet).__name__}")
+        unet, pipe_scheduler = _network_of(unet)
         if cfg_mode not in ("batched", "separate"):
             raise ValueError(f"cfg_mode must be 'batched' or 'separate', got {cfg_mode!r}")
-        params = _check_forward_signature(unet).parameters
+        if adapter is not None and not isinstance(adapter, Adapter):
+            raise TypeError(f"adapter must be an interp.adapters.Adapter, got {type(adapter).__name__}")
+        self.adapter = adapter or adapter_for(unet)
         config_view(getattr(unet, "config", None))  # refuse an unreadable config now, not at first use
         self.unet = unet
-        self.scheduler = _scheduler_from(scheduler)
+        self.scheduler = _scheduler_from(scheduler if scheduler is not None else pipe_scheduler)
+        self.schedule = Schedule.from_scheduler(self.scheduler)
+        default = "flow" if self.schedule.kind == "flow" else "epsilon"
         self.prediction_type: PredictionType = prediction_type or config_view(self.scheduler.config).get(
-            "prediction_type", "epsilon"
+            "prediction_type", default
         )
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample", "flow"):
             raise ValueError(
-                f"unsupported prediction_type {self.prediction_type!r}; use 'epsilon', 'v_prediction' or 'sample'"
+                f"unsupported prediction_type {self.prediction_type!r}; use 'epsilon', 'v_prediction', 'sample' or 'flow'"
+            )
+        # v = α ε − σ x₀ inverts with α² + σ² = 1 (VP only); the flow velocity ε − x₀ belongs to the flow schedule.
+        wrong = {"flow": "vp", "v_prediction": "flow"}.get(self.prediction_type)
+        if wrong == self.schedule.kind:
+            raise ValueError(
+                f"prediction_type {self.prediction_type!r} does not fit the {self.schedule.kind} schedule of "
+                f"{type(self.scheduler).__name__}: 'flow' needs a flow-matching scheduler, 'v_prediction' a "
+                "variance-preserving one"
             )
         self.guidance_scale = check_guidance_scale(guidance_scale)
         self.cfg_mode = cfg_mode
         self.name = name or type(unet).__name__
-        self._accepts = set(params)
-        self._var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        alphas = getattr(self.scheduler, "alphas_cumprod", None)
-        if alphas is None:
-            raise ValueError(f"scheduler {type(self.scheduler).__name__} has no alphas_cumprod noise schedule")
-        self.alphas_cumprod = torch.as_tensor(alphas, dtype=torch.float64)
+        self.alphas_cumprod = self.schedule.alphas_cumprod  # VP only (None for flows)
 
     # ----------------------------------------------------------------- model facts
     @property
@@ -170,68 +173,88 @@ class Denoiser:
         """
         return config_view(getattr(self.unet, "config", None))
 
+    def _first_tensor(self) -> Tensor | None:
+        # Parameters first; a parameter-free network (an analytic model) is placed by its buffers.
+        p = next(self.unet.parameters(), None)
+        return p if p is not None else next(self.unet.buffers(), None)
+
     @property
     def device(self) -> torch.device:
-        p = next(self.unet.parameters(), None)
+        p = self._first_tensor()
         return p.device if p is not None else torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
-        p = next(self.unet.parameters(), None)
+        p = self._first_tensor()
         return p.dtype if p is not None else torch.float32
 
     @property
+    def family(self) -> str:
+        """The adapter's family name (``"unet"`` for U-Net-style networks, ``"pixart"``, ``"dit"``, ``"sd3"``, ``"flux"``)."""
+        return self.adapter.family
+
+    def check_token_derivative(self) -> None:
+        """Refuse a derivative along the conditioning tokens where they hold discrete values (DiT class ids)."""
+        if self.adapter.discrete_tokens:
+            from interp.adapters import DISCRETE_TOKENS
+
+            raise TypeError(DISCRETE_TOKENS)
+
+    @property
     def in_channels(self) -> int | None:
-        return self.config.get("in_channels")
+        """Channels ``C`` of ``x_t`` (Flux: the latent channels, before 2×2 packing)."""
+        return self.adapter.in_channels(self.config)
 
     @property
     def cross_attention_dim(self) -> int | None:
-        dim = self.config.get("cross_attention_dim")
-        return dim[0] if isinstance(dim, (list, tuple)) else dim
+        """Width ``D`` of the conditioning tokens the network reads."""
+        return self.adapter.token_dim(self.config)
 
     @property
     def num_train_timesteps(self) -> int:
         return int(config_view(self.scheduler.config)["num_train_timesteps"])
 
+    @property
+    def max_timestep(self) -> int:
+        """The largest training timestep: ``num_train_timesteps − 1`` (VP) or ``num_train_timesteps`` (flow)."""
+        return self.schedule.max_timestep
+
     def timestep(self, fraction: float | Sequence[float] | Tensor) -> Tensor:
         """Training timestep(s) at noise ``fraction`` ∈ [0, 1] of the schedule (0 = clean, 1 = pure noise).
 
-        Returns a long tensor of ``fraction``'s shape (0-d for a number), rounded to the nearest timestep.
+        Returns a tensor of ``fraction``'s shape (0-d for a number): the nearest integer timestep (long) on VP
+        schedules, ``fraction · T`` (float32) on flows (see :meth:`interp.schedule.Schedule.timestep`).
         """
-        if isinstance(fraction, bool):
-            raise TypeError(f"fraction must be a noise fraction in [0, 1], got the bool {fraction!r}")
-        f = torch.as_tensor(fraction, dtype=torch.float64)
-        if not torch.isfinite(f).all():
-            raise ValueError(f"fraction must be a noise fraction in [0, 1], got NaN or Inf: {f.flatten()[:8].tolist()}")
-        if (f < 0).any() or (f > 1).any():
-            raise ValueError(f"fraction (noise fraction) must lie in [0, 1], got {f.flatten()[:8].tolist()}")
-        return torch.round(f * (self.num_train_timesteps - 1)).long()
+        return self.schedule.timestep(fraction)
+
+    def fraction(self, timestep: Timestep) -> Tensor:
+        """The noise fraction of training ``timestep`` (inverse of :meth:`timestep`); float64 of its shape."""
+        return self.schedule.fraction(timestep)
 
     def alpha_bar(self, timestep: Timestep) -> Tensor:
         """ᾱ at training ``timestep`` (scalar or ``(B,)``), linearly interpolated between integer timesteps.
 
-        Returns float64 of ``timestep``'s shape, on CPU. Unlike the network calls, any value in
-        ``[0, T − 1]`` is accepted here: interpolating ᾱ at a fractional timestep is well defined.
+        VP schedules only (a flow has no ᾱ: use :meth:`alpha` / :meth:`sigma`). Returns float64 of
+        ``timestep``'s shape, on CPU. Unlike the network calls, any value in ``[0, T − 1]`` is accepted here:
+        interpolating ᾱ at a fractional timestep is well defined.
         """
-        ts = torch.as_tensor(timestep, dtype=torch.float64).cpu()
-        T = self.alphas_cumprod.shape[0]
-        if not torch.isfinite(ts).all():
-            raise ValueError(f"timestep contains NaN or Inf: {ts.flatten()[:8].tolist()}")
-        if (ts < 0).any() or (ts > T - 1).any():
-            raise ValueError(f"timesteps must lie in [0, {T - 1}], got {ts.flatten()[:8].tolist()}")
-        lo = ts.floor().long().clamp(max=T - 1)
-        hi = (lo + 1).clamp(max=T - 1)
-        w = ts - lo
-        return (1 - w) * self.alphas_cumprod[lo] + w * self.alphas_cumprod[hi]
+        return self.schedule.alpha_bar(timestep)
+
+    def alpha(self, timestep: Timestep) -> Tensor:
+        """Signal coefficient α of ``x_t = α x₀ + σ ε`` at training ``timestep``; float64 of its shape."""
+        return self.schedule.alpha(timestep)
 
     def sigma(self, timestep: Timestep) -> Tensor:
-        """Noise std of the VP sample at training ``timestep``, σ = √(1 − ᾱ); float64 of its shape."""
-        return (1 - self.alpha_bar(timestep)).sqrt()
+        """Noise std σ of ``x_t = α x₀ + σ ε`` at training ``timestep`` (VP: √(1 − ᾱ)); float64 of its shape."""
+        return self.schedule.sigma(timestep)
 
     def add_noise(self, x0: Tensor, noise: Tensor, timestep: Timestep) -> Tensor:
-        """Forward process: ``x_t = √ᾱ x₀ + √(1−ᾱ) ε`` at training ``timestep`` (scalar or ``(B,)``); ``x0``'s shape."""
-        ab = self._per_sample(self.alpha_bar(timestep), x0)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        """Forward process: ``x_t = α x₀ + σ ε`` at training ``timestep`` (scalar or ``(B,)``); ``x0``'s shape."""
+        if self.schedule.kind == "vp":
+            ab = self._per_sample(self.alpha_bar(timestep), x0)
+            return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        a, s = (self._per_sample(v, x0) for v in (self.alpha(timestep), self.sigma(timestep)))
+        return a * x0 + s * noise
 
     @staticmethod
     def _per_sample(values: Tensor, like: Tensor) -> Tensor:
@@ -283,38 +306,12 @@ class Denoiser:
         return cb
 
     # ----------------------------------------------------------------- calls
-    def _accepts_kw(self, name: str) -> bool:
-        return name in self._accepts or self._var_kw
-
     def _call_unet(self, x: Tensor, timestep: Tensor, cb: ConditioningBatch) -> Tensor:
-        kwargs: dict[str, Any] = {}
-        if not bool(cb.mask.all()):
-            if not self._accepts_kw("encoder_attention_mask"):
-                raise TypeError(
-                    f"{self.name}.forward has no encoder_attention_mask parameter, so it cannot take conditionings "
-                    "of different lengths in one batch: call once per conditioning, use cfg_mode='separate' for "
-                    "guidance, or give forward an encoder_attention_mask parameter"
-                )
-            kwargs["encoder_attention_mask"] = cb.mask
-        if cb.added:
-            if not self._accepts_kw("added_cond_kwargs"):
-                raise TypeError(
-                    f"the conditioning carries added inputs {sorted(cb.added)} but {self.name}.forward has no "
-                    "added_cond_kwargs parameter; use a conditioning built for this model"
-                )
-            kwargs["added_cond_kwargs"] = {k: v.to(self.dtype) for k, v in cb.added.items()}
-        if self._accepts_kw("return_dict"):
-            kwargs["return_dict"] = False
-        out = self.unet(x.to(self.dtype), timestep, cb.tokens.to(self.dtype), **kwargs)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        elif not isinstance(out, Tensor):
-            out = out.sample
-        return out
+        return self.adapter.call(self.unet, x, timestep, cb, self.dtype)
 
     def _timesteps(self, timestep: Timestep) -> Tensor:
         """Check ``timestep`` (from its plain values, see :func:`check_timesteps`) and put it on the device."""
-        check_timesteps(timestep, self.num_train_timesteps)
+        check_timesteps(timestep, self.num_train_timesteps, last=self.max_timestep)
         ts = torch.as_tensor(timestep, device=self.device)
         if ts.dim() == 1 and ts.shape[0] == 1:
             ts = ts[0]
@@ -385,11 +382,16 @@ class Denoiser:
         outer = current_call()
         step = outer.step if outer else None
         if self.cfg_mode == "batched":
-            both = ConditioningBatch.concat([cb_u, cb_c])
+            # The family pipeline's own order ([uncond; cond], DiT [cond; uncond]), labelled as built.
+            order = self.adapter.cfg_order
+            parts = {"uncond": (cb_u, rows_u), "cond": (cb_c, rows_c)}
+            both = ConditioningBatch.concat([parts[b][0] for b in order])
             tt = t if t.dim() == 0 else torch.cat([t, t])
-            with unet_call(batched_cfg_branches(2 * B), step=step, conditionings=rows_u + rows_c):
+            with unet_call(batched_cfg_branches(2 * B, order), step=step,
+                           conditionings=parts[order[0]][1] + parts[order[1]][1]):
                 out = self._call_unet(torch.cat([x_t, x_t]), tt, both).to(x_t.dtype)
-            uncond, cond_out = out[:B], out[B:]
+            halves = dict(zip(order, (out[:B], out[B:])))
+            uncond, cond_out = halves["uncond"], halves["cond"]
         else:
             with unet_call((("uncond", slice(0, B)),), step=step, conditionings=rows_u):
                 uncond = self._call_unet(x_t, t, cb_u).to(x_t.dtype)
@@ -413,18 +415,33 @@ class Denoiser:
         """Convert a raw ``(B, C, H, W)`` prediction of this denoiser's type at training ``timestep`` to ε̂."""
         if self.prediction_type == "epsilon":
             return prediction
-        ab = self._per_sample(self.alpha_bar(timestep), x_t)
-        if self.prediction_type == "v_prediction":
-            return ab.sqrt() * prediction + (1 - ab).sqrt() * x_t
-        return (x_t - ab.sqrt() * prediction) / (1 - ab).sqrt()
+        if self.schedule.kind == "vp":
+            ab = self._per_sample(self.alpha_bar(timestep), x_t)
+            if self.prediction_type == "v_prediction":
+                return ab.sqrt() * prediction + (1 - ab).sqrt() * x_t
+            return (x_t - ab.sqrt() * prediction) / (1 - ab).sqrt()
+        a = self._per_sample(self.alpha(timestep), x_t)
+        if self.prediction_type == "flow":
+            # x_t + α v = α x₀ + σ ε + α (ε − x₀) = (σ + α) ε = ε, since α + σ = 1 on a rectified flow.
+            return x_t + a * prediction
+        s = self._per_sample(self.sigma(timestep), x_t)
+        return (x_t - a * prediction) / s
 
     def to_x0(self, prediction: Tensor, x_t: Tensor, timestep: Timestep) -> Tensor:
-        """Convert a raw ``(B, C, H, W)`` prediction at training ``timestep`` to x̂₀ = (x_t − √(1−ᾱ) ε̂) / √ᾱ."""
-        ab = self._per_sample(self.alpha_bar(timestep), x_t)
-        if self.prediction_type == "v_prediction":
-            # x̂₀ = √ᾱ·x_t − √(1−ᾱ)·v: the same value as via ε̂, without dividing by √ᾱ (≈ 5e-5 at t = T).
-            return ab.sqrt() * x_t - (1 - ab).sqrt() * prediction
-        return (x_t - (1 - ab).sqrt() * self.to_epsilon(prediction, x_t, timestep)) / ab.sqrt()
+        """Convert a raw ``(B, C, H, W)`` prediction at training ``timestep`` to x̂₀ = (x_t − σ ε̂) / α."""
+        if self.schedule.kind == "vp":
+            ab = self._per_sample(self.alpha_bar(timestep), x_t)
+            if self.prediction_type == "v_prediction":
+                # x̂₀ = √ᾱ·x_t − √(1−ᾱ)·v: the same value as via ε̂, without dividing by √ᾱ (≈ 5e-5 at t = T).
+                return ab.sqrt() * x_t - (1 - ab).sqrt() * prediction
+            return (x_t - (1 - ab).sqrt() * self.to_epsilon(prediction, x_t, timestep)) / ab.sqrt()
+        if self.prediction_type == "sample":
+            return prediction
+        s = self._per_sample(self.sigma(timestep), x_t)
+        if self.prediction_type == "flow":
+            return x_t - s * prediction  # no division by α, which is 0 at pure noise
+        a = self._per_sample(self.alpha(timestep), x_t)
+        return (x_t - s * prediction) / a
 
     def score(
         self,
@@ -435,7 +452,7 @@ class Denoiser:
         branch: Branch | None = None,
         guidance_scale: float | None = None,
     ) -> Tensor:
-        """The score ∇_x log p(x_t | c) = −ε̂ / √(1 − ᾱ) at training ``timestep``, ``(B, C, H, W)``.
+        """The score ∇_x log p(x_t | c) = −ε̂ / σ at training ``timestep``, ``(B, C, H, W)`` (VP: σ = √(1 − ᾱ)).
 
         ``timestep`` is scalar or ``(B,)`` (see :meth:`predict`). ``branch=None`` scores what
         :meth:`__call__` predicts (guided if guidance is on).

@@ -69,7 +69,7 @@ def resolve_timestep(den: Denoiser, *, t: float | None = None, timestep: Tensor 
     if (t is None) == (timestep is None):
         raise ValueError(
             "pass exactly one of t= (noise fraction in [0, 1]) or timestep= (training timestep, "
-            f"0..{den.num_train_timesteps - 1}); got t={t!r}, timestep={timestep!r}"
+            f"0..{den.max_timestep}); got t={t!r}, timestep={timestep!r}"
         )
     if t is not None:
         if isinstance(t, Tensor) or not isinstance(t, (int, float)):
@@ -170,7 +170,7 @@ def noisy_inputs(
     if t is not None and not isinstance(t, (int, float)):
         raise ValueError(f"an explicit x_t has one noise level: pass one fraction t=, got {t!r}")
     ts = resolve_timestep(den, t=t, timestep=timestep)
-    level = float(t) if t is not None else round(float(ts) / (den.num_train_timesteps - 1), 6)
+    level = float(t) if t is not None else round(float(den.fraction(ts)), 6)
     return [(level, x_t.to(den.device), ts)]
 
 

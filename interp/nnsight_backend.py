@@ -83,9 +83,9 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from interp.capture import CallState, Capture, CfgShape, _input_hw, capture, unet_of
+from interp.capture import CallState, Capture, CfgShape, capture, unet_of
 from interp.context import batched_cfg_branches
-from interp.hooks import primary_tensor
+from interp.streams import pick_stream
 from interp.site import Site
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; nnsight is imported lazily
@@ -112,11 +112,13 @@ class CallLayout:
         count_steps: label call ``k`` with step ``k`` (``k // 2`` for separate CFG); else step ``-1``.
         rows_per_branch: when known (a pipeline: prompts × images per prompt), the batch every call must
             have per branch — checked, so a layout mismatch raises instead of mislabelling.
+        order: the branch order of a batched call (the family's: ``[uncond; cond]``, DiT ``[cond; uncond]``).
     """
 
     cfg: CfgShape = None
     count_steps: bool = False
     rows_per_branch: int | None = None
+    order: tuple[str, str] = ("uncond", "cond")
 
     def __post_init__(self) -> None:
         if self.cfg not in ("batched", "separate", None):
@@ -129,7 +131,7 @@ class CallLayout:
     def label(self, call: int, batch: int) -> tuple[int, Branches]:
         """``(step, ((branch, rows), ...))`` of U-Net call ``call`` whose input batch is ``batch``."""
         if self.cfg == "batched":
-            branches = batched_cfg_branches(batch)  # raises if the batch is not two equal halves
+            branches = batched_cfg_branches(batch, self.order)  # raises if the batch is not two equal halves
         elif self.cfg == "separate":
             branches = ((("uncond", "cond")[call % 2], slice(0, batch)),)
         else:
@@ -158,7 +160,8 @@ def layout_for(target: Any, cfg: CfgShape | str = "auto", count_steps: bool | No
         cfg = None
         if isinstance(target, Denoiser) and target.guidance_scale not in (None, 1.0):
             cfg = target.cfg_mode
-    return CallLayout(cfg=cfg, count_steps=bool(count_steps))  # type: ignore[arg-type]
+    order = target.adapter.cfg_order if isinstance(target, Denoiser) else ("uncond", "cond")
+    return CallLayout(cfg=cfg, count_steps=bool(count_steps), order=order)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- model state
@@ -228,13 +231,18 @@ class _Recorder:
     def record(self, site: Site, path: str, call: int, value: Any, unet_inputs: tuple[tuple, dict]) -> None:
         """Store one module value of U-Net call ``call``; ``unet_inputs`` = that call's ``(args, kwargs)``."""
         args, kwargs = unet_inputs
-        x = args[0] if args else kwargs.get("sample")
-        batch = int(x.shape[0]) if isinstance(x, Tensor) else int(primary_tensor(value).shape[0])
-        tensor = primary_tensor(value) if site.io == "output" else value
+        unet = self.cap._unet
+        adapter = self.cap._adapter(unet)
+        x = adapter.network_input(args, kwargs)
+        # Dual-stream transformer blocks: the site's stream (image by default), as the torch hooks read it.
+        streams = adapter.token_layout(unet, args, kwargs)
+        batch = int(x.shape[0]) if isinstance(x, Tensor) else int(pick_stream(value, None, streams, path=path).shape[0])
+        tensor = pick_stream(value, site.stream, streams, path=path) if site.io == "output" else value
         step, branches = self.layout.label(call, batch)
         # Call k of this run is numbered after any calls already in a store passed in (as the torch hooks do).
         index = self.call_base + call
-        self.cap.record(site, path, tensor, CallState(index, step, branches, _input_hw(args, kwargs)))
+        self.cap.record(site, path, tensor, CallState(index, step, branches, adapter.image_hw(unet, args, kwargs),
+                                                      layout=streams))
         self.visits[path] = self.visits.get(path, 0) + 1
 
     def check(self, expected_calls: int | None) -> None:
@@ -423,9 +431,19 @@ def capture_pipeline_nnsight(
     """
     from nnsight.modeling.diffusion import DiffusionModel
 
+    def refuse_transformers(pipe: Any) -> None:
+        if not isinstance(getattr(pipe, "unet", None), nn.Module):
+            raise TypeError(
+                f"capture_pipeline_nnsight runs U-Net pipelines; {type(pipe).__name__} has none. For PixArt, DiT, SD3 "
+                "and Flux use capture_run(interp.Denoiser(pipe), sites, run, backend='nnsight', calls=N)"
+            )
+
+    if not isinstance(model, (DiffusionModel, str, Path)):
+        refuse_transformers(model)  # before a pipeline object is saved and loaded
     if not isinstance(model, DiffusionModel):
         model = load_diffusion_model(model)
     pipe = model.pipeline
+    refuse_transformers(pipe)
     prompts = 1 if isinstance(prompt, str) else len(prompt)
     guided = guidance_scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
     layout = CallLayout(cfg="batched" if guided else None, count_steps=True,

@@ -16,13 +16,22 @@ from torch import Tensor
 from interp.conditioning import Conditioning, ConditioningBatch
 from interp.context import denoising_step
 from interp.denoiser import CondLike, Denoiser
+from interp.schedule import scheduler_step
 from interp.validation import check_guidance_scale, check_int
 
-SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "ddpm": "DDPMScheduler"}
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "ddpm": "DDPMScheduler",
+    "flow": "FlowMatchEulerDiscreteScheduler",
+}
+#: Which names sample which schedule: a VP network cannot be sampled by a flow-matching step, nor a flow by DDIM.
+_KIND = {"ddim": "vp", "euler": "vp", "ddpm": "vp", "flow": "flow"}
 
 
 class StepCallback(Protocol):
-    """``callback(step, timestep, latents, prediction)``, called after each scheduler step.
+    """``callback(step, timestep, latents, prediction)``, called after each scheduler step (``step`` counts calls of
+    ``scheduler.step``: a Heun step makes two).
 
     ``latents`` is the sampler state *after* the step; ``prediction`` the (guided) network output.
     """
@@ -31,8 +40,15 @@ class StepCallback(Protocol):
 
 
 def make_scheduler(kind: str | Any, like: Any) -> Any:
-    """A fresh scheduler of ``kind`` (``"ddim"``, ``"euler"``, ``"ddpm"``, or an instance) sharing ``like``'s schedule."""
+    """A fresh scheduler of ``kind`` (``"ddim"``, ``"euler"``, ``"ddpm"``, ``"flow"``, or an instance) sharing ``like``'s schedule.
+
+    ``"flow"`` is diffusers' ``FlowMatchEulerDiscreteScheduler`` (the Euler sampler of rectified flows: SD3,
+    Flux); a name whose schedule differs from ``like``'s (``"ddim"`` for a flow model, ``"flow"`` for a VP
+    model) is refused.
+    """
     import diffusers
+
+    from interp.schedule import is_flow_scheduler
 
     if not isinstance(kind, str):
         if not hasattr(kind, "config") or not hasattr(kind, "set_timesteps") or not hasattr(kind, "step"):
@@ -42,6 +58,13 @@ def make_scheduler(kind: str | Any, like: Any) -> Any:
         return kind.__class__.from_config(kind.config)
     if kind not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {kind!r}; choose one of {sorted(SCHEDULERS)} or pass a diffusers scheduler")
+    have = "flow" if is_flow_scheduler(like) else "vp"
+    if _KIND[kind] != have:
+        fits = sorted(k for k, v in _KIND.items() if v == have)
+        raise ValueError(
+            f"scheduler {kind!r} samples a {_KIND[kind]} schedule but the model's {type(like).__name__} is {have}; "
+            f"use one of {fits}"
+        )
     cls = getattr(diffusers, SCHEDULERS[kind])
     return cls.from_config(like.config)
 
@@ -72,7 +95,7 @@ def sample(
     shape: Sequence[int],
     num_steps: int = 50,
     seed: int = 0,
-    scheduler: str | Any = "ddim",
+    scheduler: str | Any | None = None,
     guidance_scale: float | None = None,
     callbacks: Sequence[StepCallback] = (),
     latents: Tensor | None = None,
@@ -85,7 +108,8 @@ def sample(
         shape: ``(B, C, H, W)`` of the sample (``C`` must be the model's input channels).
         num_steps: number of denoising steps, ``1 … num_train_timesteps``.
         seed: seeds the initial noise (drawn on CPU, so the same seed gives the same numbers on any device).
-        scheduler: ``"ddim"`` (deterministic, η = 0), ``"euler"``, ``"ddpm"`` or a diffusers scheduler.
+        scheduler: ``"ddim"`` (deterministic, η = 0), ``"euler"``, ``"ddpm"`` (VP models), ``"flow"`` (flow-matching
+            Euler, for flow models) or a diffusers scheduler. Default: ``"ddim"`` on VP models, ``"flow"`` on flows.
         guidance_scale: overrides the denoiser's CFG scale (finite, >= 0).
         callbacks: a list of callables, each called after every step, see :class:`StepCallback`.
         latents: start from these ``x_T`` ``(B, C, H, W)`` instead of seeded noise.
@@ -104,12 +128,14 @@ def sample(
     callbacks = list(callbacks)  # once: a generator would be used up by the check below
     if not all(callable(cb) for cb in callbacks):
         raise TypeError(f"{hint}; got {[type(cb).__name__ for cb in callbacks]}")
+    if scheduler is None:
+        scheduler = "flow" if den.schedule.kind == "flow" else "ddim"
     sched = make_scheduler(scheduler, den.scheduler)
-    sched.set_timesteps(num_steps, device=den.device)
+    den.adapter.set_timesteps(sched, num_steps, shape, den.device)  # as the family's pipeline does (Flux: its σ grid)
     gen = torch.Generator("cpu").manual_seed(seed)
     if latents is None:
         x = torch.randn(shape, generator=gen, dtype=torch.float32)
-        x = x.to(den.device) * sched.init_noise_sigma
+        x = x.to(den.device) * getattr(sched, "init_noise_sigma", 1.0)  # flow-matching schedulers have none (1)
     else:
         if not isinstance(latents, Tensor) or tuple(latents.shape) != shape:
             got = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
@@ -121,8 +147,10 @@ def sample(
     if "generator" in sched.step.__code__.co_varnames:
         step_kwargs["generator"] = gen
     for i, timestep in enumerate(sched.timesteps):
-        with denoising_step(i):
-            model_in = sched.scale_model_input(x, timestep)
+        # The scheduler's step, not the loop index: Heun calls the network twice per step.
+        step = scheduler_step(sched, timestep)
+        with denoising_step(i if step is None else step):
+            model_in = sched.scale_model_input(x, timestep) if hasattr(sched, "scale_model_input") else x
             pred = den(model_in, timestep, cond, guidance_scale=guidance_scale)
         x = sched.step(pred, timestep, x, **step_kwargs).prev_sample
         for cb in callbacks:

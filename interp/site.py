@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from interp.context import BRANCHES
+from interp.streams import check_stream
 
 StepSelector = int | slice | range | Sequence[int] | None
 BranchSelector = str | Sequence[str] | None
@@ -160,6 +161,9 @@ class Site:
         region: spatial region ``(y0, y1, x0, x1)`` in normalised ``[0, 1]`` coordinates, or ``None``.
         channels: channel indices (a list or slice) or ``None`` for all channels.
         io: read the module's ``"output"`` (default) or its first positional ``"input"``.
+        stream: on transformers whose modules carry image and text tokens (SD3, Flux), which one: ``"image"``
+            (the default where an output holds both: what a U-Net site means) or ``"text"``; told apart by
+            their lengths, an ambiguous output is refused (:mod:`interp.streams`).
     """
 
     path: str
@@ -168,12 +172,14 @@ class Site:
     region: tuple[float, float, float, float] | None = None
     channels: Sequence[int] | slice | None = None
     io: Literal["output", "input"] = "output"
+    stream: Literal["image", "text"] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
             raise ValueError(f"a Site needs a non-empty module path or glob, got {self.path!r}")
         if self.io not in ("output", "input"):
             raise ValueError(f"Site.io must be 'output' or 'input', got {self.io!r}")
+        check_stream(self.stream)
         # A typo in a selector would otherwise match no call and capture nothing, silently: refuse it here.
         # Lists become tuples (the frozen Site stays comparable and a generator is not consumed twice).
         object.__setattr__(self, "steps", _index_selector(

@@ -135,10 +135,13 @@ def check_locations(name: str, locations: Tensor, mask: Tensor | None = None) ->
         )
 
 
-def check_timesteps(timestep: object, num_train_timesteps: int, name: str = "timestep") -> None:
+def check_timesteps(
+    timestep: object, num_train_timesteps: int, name: str = "timestep", *, last: int | None = None
+) -> None:
     """Raise unless ``timestep`` (scalar, sequence or tensor) holds training timesteps of the schedule.
 
-    Valid values lie in ``[0, num_train_timesteps - 1]`` and are finite. Non-integer values >= 1 are allowed
+    Valid values lie in ``[0, last]`` (default ``num_train_timesteps - 1``; flow schedules reach
+    ``num_train_timesteps``) and are finite. Non-integer values >= 1 are allowed
     (Euler-type schedulers call the network at interpolated timesteps), but a non-integer in ``(0, 1)`` is
     almost always a noise *fraction* passed where a timestep belongs, and is refused with the fix.
 
@@ -164,7 +167,7 @@ def check_timesteps(timestep: object, num_train_timesteps: int, name: str = "tim
             ) from None
     if values.numel() == 0:
         raise ValueError(f"{name} is empty: pass one training timestep, or one per sample")
-    last = num_train_timesteps - 1
+    last = num_train_timesteps - 1 if last is None else last
     if not torch.isfinite(values).all():
         raise ValueError(f"{name} contains NaN or Inf: {values[:8].tolist()}; training timesteps lie in [0, {last}]")
     outside = (values < 0) | (values > last)

@@ -24,10 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from interp.adapters import Adapter, adapter_for
 from interp.capture import unet_of
 from interp.context import current_call
 from interp.hooks import HookSet, primary_tensor, replace_primary
+from interp.pipeline_calls import PipelineCalls, pipeline_of
 from interp.site import resolve_paths, spatial_view
+from interp.streams import TokenLayout, pick_stream, replace_stream
 
 from interventions.compose import Expansion, compose_rows, expand_inputs, plan_expansion
 from interventions.edits import OUTPUT, Compose, Edit, MaskCrossAttention, Patch
@@ -57,6 +60,7 @@ class _Call:
     conditionings: tuple[Any, ...]  # per original row (empty when not announced)
     image_hw: tuple[int, int] | None
     batch: int
+    layout: TokenLayout | None = None  # image / text token counts of a transformer call (interp.streams)
     expansion: Expansion | None = None
     cache: dict = field(default_factory=dict)
 
@@ -139,6 +143,8 @@ class Applied:
         self.target = target
         self.edits = edits
         self.unet: nn.Module = unet_of(target)
+        self._family: Adapter | None = None
+        self._pipeline_calls: PipelineCalls | None = None
         self.sites: list[tuple[int, str]] = []
         self._resolved: list[tuple[int, str, nn.Module]] = []
         self._hooks = HookSet()
@@ -244,18 +250,28 @@ class Applied:
         self._call = None
         if not self._active():
             return None
-        x = args[0] if args else kwargs.get("sample")
+        adapter = self._adapter(module)
+        x = adapter.network_input(args, kwargs)
         if not isinstance(x, Tensor):
             return None
         batch = int(x.shape[0])
         ctx = current_call()
         branches = ctx.branch_slices(batch) if ctx else (("cond", slice(0, batch)),)
+        step = ctx.step if ctx else None
+        if (ctx is None or not ctx.branches) and pipeline_of(self.target) is not None:
+            # A family's own pipeline announces nothing: its scheduler and CFG layout say (interp.pipeline_calls).
+            if self._pipeline_calls is None:
+                self._pipeline_calls = PipelineCalls(self.target, adapter)
+            known = self._pipeline_calls.step(args, kwargs)
+            step = step if step is not None else known
+            branches = self._pipeline_calls.branches(args, kwargs, known)
         conds = ctx.conditionings if ctx else ()
         if conds and len(conds) != batch:
             raise ValueError(f"the U-Net call has {batch} rows but {len(conds)} announced conditionings; is a Compose "
                              "edit of another apply block expanding the batch? Put all edits in one apply(...)")
-        call = _Call(step=ctx.step if ctx else None, timestep=ctx.timestep if ctx else None, branches=branches,
-                     conditionings=conds, image_hw=tuple(x.shape[-2:]) if x.dim() == 4 else None, batch=batch)
+        call = _Call(step=step, timestep=ctx.timestep if ctx else None, branches=branches,
+                     conditionings=conds, image_hw=adapter.image_hw(module, args, kwargs), batch=batch,
+                     layout=adapter.token_layout(module, args, kwargs))
         rows = sorted({r for i, e in enumerate(self.edits) if isinstance(e, Compose)
                        for name, sl in branches if e.applies(call.step, name) for r in _rows_of(sl, batch)})
         self._call = call
@@ -268,6 +284,14 @@ class Applied:
                 call.expansion = exp
                 return expand_inputs(args, kwargs, exp)
         return None
+
+    def _adapter(self, module: nn.Module) -> Adapter:
+        """The network's family adapter (the Denoiser's own, else chosen from the class; built once)."""
+        if self._family is None:
+            from interp.denoiser import Denoiser
+
+            self._family = self.target.adapter if isinstance(self.target, Denoiser) else adapter_for(module)
+        return self._family
 
     def _count(self, i: int, path: str, step: int | None, branch: str, rows: int) -> None:
         key = (i, path, -1 if step is None else step, branch)
@@ -289,7 +313,7 @@ class Applied:
     def _patch(self, i: int, path: str, out: Any, call: _Call) -> Any:
         edit = self.edits[i]
         assert isinstance(edit, Patch)
-        act = primary_tensor(out)
+        act = pick_stream(out, None, call.layout, path=path)  # dual-stream blocks: the image stream, as captured
         new = None
         for name, sl in call.branches:
             if not edit.applies(call.step, name):
@@ -304,7 +328,7 @@ class Applied:
                 new = act.clone()
             new[sl] = _write(rows, value, edit, call.image_hw, path)
             self._count(i, path, call.step, name, len(idx))
-        return out if new is None else replace_primary(out, new)
+        return out if new is None else replace_stream(out, None, call.layout, new, path=path)
 
     def _compose(self, i: int, path: str, out: Any, call: _Call) -> Any:
         edit = self.edits[i]
@@ -327,7 +351,7 @@ class Applied:
         def hook(module: nn.Module, args: tuple, out: Any) -> Any:
             if not self._active():
                 return None
-            call = self._state(int(primary_tensor(out).shape[0]))
+            call = self._state(int(pick_stream(out, None, self._call.layout if self._call else None, path=path).shape[0]))
             edit = self.edits[i]
             if isinstance(edit, Patch):
                 return self._patch(i, path, out, call)

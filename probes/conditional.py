@@ -284,6 +284,8 @@ def conditional_locality(
         raise ValueError(f"maps must be a non-empty subset of ('jvp', 'ablation', 'attribution'); got {tuple(maps)}")
     if branch not in ("cond", "guided"):
         raise ValueError("branch must be 'cond' or 'guided' (the unconditional branch does not depend on c_j)")
+    if set(maps) - {"ablation"}:
+        den.check_token_derivative()  # DiT: class ids have no derivative (ablation still works)
     scale = float(den.guidance_scale or 1.0) if branch == "guided" else 1.0
     if radius is not None and cond.locations is not None:
         check_locations(cond.locations)

@@ -113,6 +113,7 @@ def layer_dependence(
     """
     if x_t.dim() != 4 or x_t.shape[0] != 1:
         raise ValueError(f"x_t must be one input (1, C, H, W), got {tuple(x_t.shape)}")
+    den.check_token_derivative()
     paths = list(sites)
     acc = accumulation_dtype(x_t)
     v, factor = direction_set(cond, conditioner, directions, seed=conditioner)

@@ -20,7 +20,7 @@ import torch
 
 import interventions as iv
 import probes
-from interp import count_hooks, sample
+from interp import Site, count_hooks, sample
 from interp.capture import capture, capture_run, plan_capture, read_activation
 from interp.forward_mode import forward_mode_ready, sdpa_backends
 from interp.models import clevr_pipeline
@@ -304,3 +304,61 @@ def test_the_denoiser_announces_each_rows_conditioning(model):
         handle.remove()
     assert seen[0] == (cond,)
     assert len(seen[1]) == 2 and seen[1][0].is_null and seen[1][1] is cond
+
+
+# --------------------------------------------------------------------------- transformers (SD3: dual-stream blocks)
+
+TRANSFORMER_VERBS: dict[str, Callable] = {
+    "capture_streams": lambda den, cond, x: capture(
+        den, [Site("transformer_blocks.0"), Site("transformer_blocks.1", stream="image"),
+              Site("transformer_blocks.0.attn", stream="text")]),
+    "forward_mode_ready": lambda den, cond, x: forward_mode_ready(den.unet),
+    "apply_patch_image_stream": lambda den, cond, x: iv.apply(
+        den, iv.Patch("transformer_blocks.0", iv.Fn(lambda a, call: -a), region=(0.0, 0.5, 0.0, 0.5))),
+}
+
+
+@pytest.fixture(scope="module")
+def transformer_model():
+    from interp import Denoiser
+    from interp.models import prompt_conditioning, tiny
+
+    pipe = tiny("sd3", 0)
+    with torch.no_grad():
+        cond = prompt_conditioning(pipe, ["a red cube", "a blue sphere"])
+    return Denoiser(pipe), cond, torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("verb", sorted(TRANSFORMER_VERBS))
+@pytest.mark.parametrize("exit_path", ["normal", "exception_in_block", "exception_in_forward", "keyboard_interrupt"])
+def test_transformer_verbs_leave_the_model_as_they_found_it(transformer_model, verb, exit_path):
+    den, cond, x = transformer_model
+    before, reference = snapshot(den), clean_output(den, cond, x)
+
+    def forward() -> None:
+        with torch.no_grad():
+            den.predict(x, 500, cond)
+
+    @contextlib.contextmanager
+    def failing() -> Iterator[None]:
+        handle = den.unet.transformer_blocks[1].register_forward_hook(lambda m, a, o: (_ for _ in ()).throw(Injected()))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    make = TRANSFORMER_VERBS[verb]
+    if exit_path == "normal":
+        with make(den, cond, x):
+            forward()
+    elif exit_path == "exception_in_block":
+        with pytest.raises(Injected), make(den, cond, x):
+            forward()
+            raise Injected("in block")
+    elif exit_path == "exception_in_forward":
+        with pytest.raises(Injected), make(den, cond, x), failing():
+            forward()
+    else:
+        with pytest.raises(KeyboardInterrupt), make(den, cond, x):
+            raise KeyboardInterrupt
+    assert_restored(den, cond, x, before, reference)

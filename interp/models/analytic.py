@@ -15,6 +15,10 @@ like any U-Net. Each conditioner token carries its own location in its first two
   which gets no gradient): integrated gradients equal the JVP attribution exactly when the baseline keeps
   the locations (:func:`feature_baseline`).
 
+:class:`GaussianFlowModel` is the exact denoiser of a Gaussian data distribution under the rectified-flow
+schedule ``x_t = (1 − σ) x₀ + σ ε`` (SD3 / Flux): its velocity, ε or x₀ prediction is the true conditional
+expectation, so the score of any correct conversion is known in closed form (:meth:`GaussianFlowModel.score`).
+
 :class:`ChannelLocalUNet` has a *feature-space* structure known by construction: its layer ``features``
 (a hookable site at ``1/stride`` of the image resolution) has channels that each depend on exactly one
 conditioner, only inside a disc around it, with the same dependence magnitude in every channel of a group
@@ -225,6 +229,66 @@ class ChannelLocalUNet(nn.Module):
         act = self.features(hx + inj)
         out = nn.functional.interpolate(self.out(act), scale_factor=s, mode="nearest")
         return (out,) if not return_dict else SimpleNamespace(sample=out)
+
+
+class GaussianFlowModel(nn.Module):
+    """The exact flow-matching denoiser of ``x₀ ~ N(μ, s² I)`` (per pixel), for ``x_t = (1 − σ) x₀ + σ ε``.
+
+    With ``σ = timestep / T``, ``m = (1 − σ) μ``, ``V = (1 − σ)² s² + σ²`` and ``r = x_t − m``, the posterior
+    means are ``E[ε | x_t] = σ r / V`` and ``E[x₀ | x_t] = μ + (1 − σ) s² r / V``; the network returns the velocity
+    ``E[ε − x₀ | x_t]`` (``prediction="flow"``), ``E[ε | x_t]`` (``"epsilon"``) or ``E[x₀ | x_t]`` (``"sample"``),
+    and the true score is ``−r / V``. The conditioning tokens do not change the output.
+
+    Args:
+        mean: ``μ`` of shape ``(C, H, W)``. std: ``s`` > 0.
+        prediction: what the network returns (see above).
+        num_train_timesteps: ``T`` of the scheduler it is wrapped with.
+    """
+
+    def __init__(self, mean: Tensor, std: float, *, prediction: Literal["flow", "epsilon", "sample"] = "flow",
+                 num_train_timesteps: int = 1000, cond_dim: int = 8) -> None:
+        super().__init__()
+        if mean.dim() != 3:
+            raise ValueError(f"mean must be (C, H, W), got shape {tuple(mean.shape)}")
+        if not std > 0:
+            raise ValueError(f"std must be > 0, got {std}")
+        if prediction not in ("flow", "epsilon", "sample"):
+            raise ValueError(f"prediction must be 'flow', 'epsilon' or 'sample', got {prediction!r}")
+        self.register_buffer("mean", mean.clone())
+        self.std, self.prediction, self.T = float(std), prediction, num_train_timesteps
+        C, H, W = mean.shape
+        self.config = _Config(in_channels=C, out_channels=C, sample_size=H, cross_attention_dim=cond_dim)
+
+    def _moments(self, sample: Tensor, timestep: Tensor | float | int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(σ, r, V)`` at ``timestep``, each broadcastable to ``sample`` ``(B, C, H, W)``."""
+        sigma = (torch.as_tensor(timestep, dtype=sample.dtype, device=sample.device) / self.T).reshape(-1, 1, 1, 1)
+        mu = self.mean.to(sample.dtype)
+        r = sample - (1 - sigma) * mu
+        V = (1 - sigma) ** 2 * self.std**2 + sigma**2
+        return sigma, r, V
+
+    def score(self, sample: Tensor, timestep: Tensor | float | int) -> Tensor:
+        """The true score ``∇ log p_t(x_t) = −r / V`` ``(B, C, H, W)``."""
+        _, r, V = self._moments(sample, timestep)
+        return -r / V
+
+    def forward(self, sample: Tensor, timestep: Tensor | float | int, encoder_hidden_states: Tensor,
+                return_dict: bool = True, **kwargs: object):
+        sigma, r, V = self._moments(sample, timestep)
+        eps = sigma * r / V
+        x0 = self.mean.to(sample.dtype) + (1 - sigma) * self.std**2 * r / V
+        out = {"flow": eps - x0, "epsilon": eps, "sample": x0}[self.prediction]
+        return (out,) if not return_dict else SimpleNamespace(sample=out)
+
+
+def gaussian_flow_denoiser(mean: Tensor, std: float, *, prediction: Literal["flow", "epsilon", "sample"] = "flow",
+                           shift: float = 3.0) -> Denoiser:
+    """A :class:`Denoiser` over a :class:`GaussianFlowModel` with a flow-matching Euler scheduler (``shift`` as SD3's)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model = GaussianFlowModel(mean, std, prediction=prediction)
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    return Denoiser(model, sched, prediction_type=prediction, name=f"gaussian-flow-{prediction}")
 
 
 def channel_local_denoiser(*, dtype: torch.dtype = torch.float32, **kwargs: object) -> Denoiser:

@@ -3,10 +3,12 @@
 Every CLI command, notebook and sweep resolves names here (:func:`load_model`):
 
 * ``tiny-clevr`` — a randomly initialised tiny CLEVR pipeline (tests, demos without checkpoints);
-* ``tiny-sdxl`` — the tiny random SDXL pipeline;
+* ``tiny-sdxl`` — the tiny random SDXL pipeline; ``tiny-sd15``, ``tiny-sd2``, ``tiny-pixart``, ``tiny-dit``,
+  ``tiny-sd3``, ``tiny-flux`` — the tiny random pipelines of the other families (:func:`interp.models.tiny`);
 * ``exp1`` / ``exp2`` / ``exp3`` / ``colour`` — the shipped CLEVR reference checkpoints
   (:func:`interp.models.shipped.load_clevr`);
-* a folder saved with ``save_pretrained`` (a ``ClevrPipeline`` or an SDXL pipeline);
+* a folder saved with ``save_pretrained``: a ``ClevrPipeline``, or a pipeline of a supported family, recognised by
+  its ``model_index.json`` ``_class_name`` (SD1.5/2, SDXL, PixArt, DiT, SD3, Flux); an unknown class is refused;
 * any other folder a *folder loader* recognises. Folder loaders are plugins declared under the
   ``scorescope.models`` entry-point group: ``loader(path, device) -> pipeline | None``. The CLEVR world
   declares one for training-run folders (``latest.json``; their EMA weights), so the zoo resolves runs
@@ -23,7 +25,7 @@ from typing import Any
 from interp.denoiser import Denoiser
 from interp.models.shipped import SHIPPED
 
-TINY = ("tiny-clevr", "tiny-sdxl")
+TINY = ("tiny-clevr", "tiny-sdxl", "tiny-sd15", "tiny-sd2", "tiny-pixart", "tiny-dit", "tiny-sd3", "tiny-flux")
 
 
 @dataclass
@@ -31,7 +33,7 @@ class LoadedModel:
     """A pipeline-like object plus the :class:`Denoiser` over its network."""
 
     name: str
-    family: str  # "clevr" | "sdxl"
+    family: str  # "clevr" | "sdxl" | "sd" | "pixart" | "dit" | "sd3" | "flux"
     pipeline: Any
     denoiser: Denoiser
 
@@ -50,15 +52,34 @@ def _from_folder(path: Path, device: str) -> LoadedModel | None:
     from interp.models.clevr import ClevrPipeline
 
     if (path / "model_index.json").is_file():
-        index = (path / "model_index.json").read_text()
-        if "ClevrPipeline" in index:
+        import json
+
+        try:
+            class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path / 'model_index.json'} is not valid JSON: {err}") from None
+        if class_name == "ClevrPipeline":
             import torch
 
             return _clevr(path.name, ClevrPipeline.from_pretrained(str(path), dtype=torch.float32).to(device))
-        from interp.models.sdxl import load_sdxl, sdxl_denoiser
+        if class_name == "StableDiffusionXLPipeline":
+            from interp.models.sdxl import load_sdxl, sdxl_denoiser
 
-        pipe = load_sdxl(str(path), device=device, dtype=None)
-        return LoadedModel(path.name, "sdxl", pipe, sdxl_denoiser(pipe, name=path.name))
+            pipe = load_sdxl(str(path), device=device, dtype=None)
+            return LoadedModel(path.name, "sdxl", pipe, sdxl_denoiser(pipe, name=path.name))
+        from interp.models.prompts import PIPELINE_FAMILIES
+
+        if class_name not in PIPELINE_FAMILIES:
+            raise ValueError(
+                f"{path} holds a {class_name} pipeline, which scorescope does not support; supported: "
+                f"ClevrPipeline, {', '.join(sorted(PIPELINE_FAMILIES))}"
+            )
+        import diffusers
+
+        from interp.models.alignment import realign_pipeline_
+
+        pipe = realign_pipeline_(getattr(diffusers, class_name).from_pretrained(str(path)).to(device))
+        return LoadedModel(path.name, PIPELINE_FAMILIES[class_name], pipe, Denoiser(pipe, name=path.name))
     for ep in entry_points(group="scorescope.models"):
         pipe = ep.load()(path, device)
         if pipe is not None:
@@ -86,6 +107,12 @@ def load_model(name: str | Path, *, seed: int = 0, device: str = "cpu") -> Loade
     if key == "tiny-sdxl":
         pipe = tiny_sdxl(seed).to(device)
         return LoadedModel(key, "sdxl", pipe, sdxl_denoiser(pipe, name=key))
+    if key in TINY:
+        from interp.models.prompts import pipeline_family
+        from interp.models.tiny import tiny
+
+        pipe = tiny(key.removeprefix("tiny-"), seed).to(device)
+        return LoadedModel(key, pipeline_family(pipe), pipe, Denoiser(pipe, name=key))
     if key in SHIPPED:
         from interp.models.shipped import load_clevr
 

@@ -205,11 +205,6 @@ def tiny_sdxl(seed: int = 0, *, sample_size: int = 32):
     return pipe
 
 
-def _token_count(tokenizer: Any, text: str) -> int:
-    """Number of BPE tokens of ``text`` without BOS/EOS."""
-    return len(tokenizer(text, add_special_tokens=False).input_ids)
-
-
 def check_phrases(phrases: object) -> list[str]:
     """``phrases`` as a non-empty list of non-empty strings, or a clear error.
 
@@ -236,18 +231,14 @@ def check_phrases(phrases: object) -> list[str]:
 def phrase_spans(tokenizer: Any, phrases: Sequence[str], sep: str = ", ") -> list[tuple[int, int]]:
     """Token spans ``[start, stop)`` of each phrase in ``sep.join(phrases)`` (position 0 is BOS).
 
-    CLIP's BPE works word by word, so the token count of a prefix that ends at a word boundary is exact.
+    CLIP's BPE works word by word, so the token count of a prefix that ends at a word boundary is exact (checked:
+    :func:`interp.models.prompts.phrase_token_spans`).
     """
-    phrases = check_phrases(phrases)
+    from interp.models.prompts import phrase_token_spans
+
     if not isinstance(sep, str):
         raise TypeError(f"sep must be a string, got {type(sep).__name__}")
-    spans = []
-    prefix = ""
-    for i, phrase in enumerate(phrases):
-        start = 1 + _token_count(tokenizer, prefix + (sep if i else "")) if (prefix or i) else 1
-        prefix = prefix + (sep if i else "") + phrase
-        stop = 1 + _token_count(tokenizer, prefix)
-        spans.append((start, stop))
+    spans = phrase_token_spans(tokenizer, phrases, sep, offset=1)
     limit = tokenizer.model_max_length - 1
     if spans and spans[-1][1] > limit:
         raise ValueError(f"the prompt is {spans[-1][1] + 1} tokens long, over CLIP's limit of {limit + 1}; shorten it")
