@@ -23,6 +23,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -267,6 +268,20 @@ class Conditioning:
         )
 
     # ---------------------------------------------------------- construction
+    @staticmethod
+    def from_embeddings(pipe: Any, **kwargs: Any) -> Conditioning:
+        """Build from text embeddings a user already has, with the keyword names of the family's pipeline call.
+
+        ``Conditioning.from_embeddings(pipe, prompt_embeds=..., negative_prompt_embeds=...,
+        pooled_prompt_embeds=..., negative_pooled_prompt_embeds=...)`` (SDXL, SD3, Flux; SD1.5/2 without the
+        pooled ones; PixArt with ``prompt_attention_mask`` / ``negative_prompt_attention_mask``), optionally
+        ``spans=[(start, stop), ...]`` and ``labels=`` for the conditioners (default: the whole prompt is one).
+        See :func:`interp.models.prompts.conditioning_from_embeddings`.
+        """
+        from interp.models.prompts import conditioning_from_embeddings  # the zoo knows the families
+
+        return conditioning_from_embeddings(pipe, **kwargs)
+
     @staticmethod
     def from_tokens(
         context: Tensor,

@@ -188,6 +188,103 @@ def prompt_conditioning(
 
 
 
+#: The embedding keywords each family's pipeline call takes (``from_embeddings`` takes the same names).
+EMBEDDING_KEYWORDS = {
+    "sd": ("prompt_embeds", "negative_prompt_embeds"),
+    "sdxl": ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
+    "pixart": ("prompt_embeds", "negative_prompt_embeds", "prompt_attention_mask", "negative_prompt_attention_mask"),
+    "sd3": ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
+    "flux": ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
+}
+
+
+def _one(name: str, value: Any, dims: int) -> Tensor:
+    """A batch-of-one embedding as the pipelines take it, ``(1, ...)``, returned without the batch axis."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+    if value.dim() != dims or value.shape[0] != 1:
+        raise ValueError(f"{name} must be one prompt's embedding ({dims}-D with batch 1, as the pipeline takes it), "
+                         f"got {tuple(value.shape)}; pass one prompt at a time")
+    return value[0]
+
+
+def conditioning_from_embeddings(
+    pipe: Any,
+    *,
+    spans: Sequence[tuple[int, int]] | None = None,
+    labels: Sequence[str] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    **embeddings: Tensor,
+) -> Conditioning:
+    """A :class:`Conditioning` from embeddings a user already has, named as in the family's pipeline call.
+
+    ``embeddings`` are the keywords of :data:`EMBEDDING_KEYWORDS` for the pipeline's family, each with batch 1
+    (``prompt_embeds (1, L, D)``, ``pooled_prompt_embeds (1, P)``, PixArt's ``prompt_attention_mask (1, L)``).
+    The negative (unconditional) embeddings are required: they are the family's null condition (what
+    ``drop`` of every conditioner, and the CFG branch ``uncond``, feed the network). ``spans``: the token range
+    ``[start, stop)`` of each conditioner in ``prompt_embeds`` (``labels`` name them); by default the whole prompt
+    is one conditioner, ``"prompt"`` (dropping it gives the negative embedding). On PixArt the tokens are the
+    prompt's own (the attention mask's), as :func:`prompt_conditioning` keeps them, and spans index those. SDXL's
+    ``time_ids`` are built as its pipeline builds them for ``height`` × ``width`` (default resolution).
+
+    Raises:
+        TypeError: an unknown keyword for the family (lists the family's keywords), a DiT pipeline, a non-tensor.
+        ValueError: a missing required embedding, a batch other than 1, spans out of range, overlapping or empty.
+    """
+    family = pipeline_family(pipe)
+    if family == "dit":
+        raise TypeError("a DiT pipeline is class-conditional: use interp.models.class_conditioning(pipe, label)")
+    allowed = EMBEDDING_KEYWORDS[family]
+    unknown = sorted(set(embeddings) - set(allowed))
+    if unknown:
+        raise TypeError(f"from_embeddings() got {unknown} for a {family} pipeline; its keywords are {list(allowed)}")
+    missing = [k for k in allowed if embeddings.get(k) is None]
+    if missing:
+        raise ValueError(f"from_embeddings() on a {family} pipeline needs {missing} as well (the negative embeddings are "
+                         "the null condition); get them all from pipe.encode_prompt(..., do_classifier_free_guidance=True)")
+    tokens = _one("prompt_embeds", embeddings["prompt_embeds"], 3)
+    null = _one("negative_prompt_embeds", embeddings["negative_prompt_embeds"], 3)
+    if null.shape[-1] != tokens.shape[-1]:
+        raise ValueError(f"negative_prompt_embeds has width {null.shape[-1]}, prompt_embeds {tokens.shape[-1]}: "
+                         "they must come from the same encoders")
+    added: dict[str, Tensor] = {}
+    null_added: dict[str, Tensor] = {}
+    if family == "pixart":  # only the prompt's own tokens; the adapter pads and masks them as the pipeline does
+        n = int(_one("prompt_attention_mask", embeddings["prompt_attention_mask"], 2).sum())
+        n0 = int(_one("negative_prompt_attention_mask", embeddings["negative_prompt_attention_mask"], 2).sum())
+        tokens, null = tokens[:n], null[:n0]
+    if family in ("sdxl", "sd3", "flux"):
+        pooled = _one("pooled_prompt_embeds", embeddings["pooled_prompt_embeds"], 2)
+        npooled = _one("negative_pooled_prompt_embeds", embeddings["negative_pooled_prompt_embeds"], 2)
+        key = "text_embeds" if family == "sdxl" else "pooled_projections"
+        added[key], null_added[key] = pooled, npooled
+    if family == "sdxl":
+        from interp.models.sdxl import sdxl_time_ids
+
+        added["time_ids"] = null_added["time_ids"] = sdxl_time_ids(pipe, tokens.dtype, height=height, width=width)
+    elif height is not None or width is not None:
+        raise TypeError(f"height / width set SDXL's time_ids; a {family} pipeline takes none")
+    L = tokens.shape[0]
+    if spans is None:
+        if labels is not None:
+            raise ValueError("labels name the conditioners of spans=; pass spans too (or neither: one 'prompt')")
+        spans, labels = [(0, L)], ("prompt",)
+    spans = [tuple(int(v) for v in span) for span in spans]
+    labels = tuple(labels) if labels is not None else tuple(f"c{j}" for j in range(len(spans)))
+    if isinstance(labels, str) or len(labels) != len(spans):
+        raise ValueError(f"{len(labels)} labels for {len(spans)} spans: pass one label per span")
+    for j, (a, b) in enumerate(spans):
+        if not 0 <= a < b <= L:
+            raise ValueError(f"spans[{j}] = ({a}, {b}) must satisfy 0 <= start < stop <= {L} (the prompt's tokens)")
+    ordered = sorted(spans)
+    for (a0, b0), (a1, b1) in zip(ordered, ordered[1:]):
+        if a1 < b0:
+            raise ValueError(f"spans ({a0}, {b0}) and ({a1}, {b1}) overlap: a token belongs to one conditioner")
+    return Conditioning(tokens=tokens, owner=_owner(L, [spans]), labels=labels, added=added, null_tokens=null,
+                        null_added=null_added or None)
+
+
 def class_conditioning(pipe: Any, label: str | int) -> Conditioning:
     """A DiT conditioning: one conditioner, the class ``label`` (a name of ``pipe.labels`` or an id).
 

@@ -245,6 +245,15 @@ def phrase_spans(tokenizer: Any, phrases: Sequence[str], sep: str = ", ") -> lis
     return spans
 
 
+def sdxl_time_ids(pipe: Any, dtype: torch.dtype, *, height: int | None = None, width: int | None = None) -> Tensor:
+    """SDXL's ``time_ids (6,)`` as its pipeline builds them: original and target size ``(height, width)`` (default:
+    the pipeline's default resolution), crop ``(0, 0)``."""
+    h = height or pipe.default_sample_size * pipe.vae_scale_factor
+    w = width or pipe.default_sample_size * pipe.vae_scale_factor
+    proj_dim = pipe.text_encoder_2.config.projection_dim
+    return pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=dtype, text_encoder_projection_dim=proj_dim)[0]
+
+
 def prompt_conditioning(
     pipe: Any,
     phrases: Sequence[str],
@@ -279,12 +288,7 @@ def prompt_conditioning(
             do_classifier_free_guidance=True,
             negative_prompt=negative_prompt,
         )
-    h = height or pipe.default_sample_size * pipe.vae_scale_factor
-    w = width or pipe.default_sample_size * pipe.vae_scale_factor
-    proj_dim = pipe.text_encoder_2.config.projection_dim
-    time_ids = pipe._get_add_time_ids(
-        (h, w), (0, 0), (h, w), dtype=pe.dtype, text_encoder_projection_dim=proj_dim
-    )[0]
+    time_ids = sdxl_time_ids(pipe, pe.dtype, height=height, width=width)
     owner = torch.full((pe.shape[1],), -1, dtype=torch.long)
     for j, (a, b) in enumerate(spans):
         owner[a:b] = j
