@@ -34,7 +34,6 @@ from interp.inputs import as_levels, as_seeds
 from interp.results import CORE_COLUMNS, ProbeResult
 
 OUTPUT_SITE = "output"
-DEFAULT_LOCATIONS = ((0.25, 0.3), (0.72, 0.25), (0.5, 0.75))  # (ours) three well-separated objects
 
 
 @dataclass
@@ -268,12 +267,7 @@ def _resolve(model: Denoiser | str, cond: Conditioning | None, locations: Any, p
     loaded = load_model(model, device=device)
     den = loaded.denoiser
     if cond is None:
-        if loaded.family == "clevr":
-            cond = loaded.pipeline.conditioning([list(p) for p in (locations or DEFAULT_LOCATIONS)])
-        else:
-            from interp.models.sdxl import prompt_conditioning
-
-            cond = prompt_conditioning(loaded.pipeline, list(prompt or ("a red cube", "a blue sphere")))
+        cond = loaded.conditioning(locations, prompt)
     return den, loaded.name, cond
 
 

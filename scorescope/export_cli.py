@@ -129,7 +129,6 @@ def maps_command(
 
     import probes
     from interp.models.registry import load_model
-    from probes.sweep import DEFAULT_LOCATIONS
     from scorescope.export import export_maps
 
     device = os.environ.get("SCORESCOPE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -137,12 +136,7 @@ def maps_command(
         loaded = load_model(model, device=device)
     except (ValueError, FileNotFoundError) as err:
         raise _bad(str(err), "--model") from None
-    if loaded.family == "clevr":
-        cond = loaded.pipeline.conditioning([list(p) for p in (locs or DEFAULT_LOCATIONS)])
-    else:
-        from interp.models.sdxl import prompt_conditioning
-
-        cond = prompt_conditioning(loaded.pipeline, ["a red cube", "a blue sphere"])
+    cond = loaded.conditioning(locs)
     try:
         if probe == "pixel":
             result = probes.pixel_locality(loaded.denoiser, cond, levels, seeds, pixels=spec)

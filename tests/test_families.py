@@ -444,3 +444,34 @@ def test_sd3_with_a_dynamically_shifted_scheduler_samples_like_its_pipeline():
     x = sample(Denoiser(pipe, guidance_scale=4.0), cond, shape=(1, 4, 16, 16), num_steps=3, seed=7)
     ref = _pipeline_call(pipe, "sd3", 4.0, 3).images
     assert torch.equal(x, ref)
+
+
+@pytest.mark.parametrize("model, probe", [("tiny-sd3", "cond"), ("tiny-pixart", "cond"), ("tiny-sd15", "pixel"),
+                                          ("tiny-dit", "pixel")])
+def test_locality_commands_run_on_family_names_with_their_default_conditioning(tmp_path, model, probe):
+    """`scorescope locality pixel|cond --model tiny-<family>`: the registry builds the family's own conditioning
+    (phrases through prompt_conditioning; DiT a class), not SDXL's."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from scorescope.cli import app
+
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["locality", probe, "--model", model, "--t", "0.5", "--seeds", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["metadata"]["model"] == model
+    if probe == "cond":  # one conditioner per default phrase
+        assert data["metadata"]["k"] == 2
+
+
+def test_default_conditioning_of_a_loaded_model_follows_its_family():
+    from interp.models.registry import DEFAULT_PHRASES, load_model
+
+    sd3 = load_model("tiny-sd3")
+    assert sd3.conditioning().labels == DEFAULT_PHRASES
+    assert load_model("tiny-dit").conditioning(phrases=["3"]).tokens.item() == 3
+    with pytest.raises(ValueError, match="locations are for CLEVR"):
+        sd3.conditioning(locations=[[0.5, 0.5]])
+    assert load_model("tiny-clevr").conditioning().k == 3

@@ -28,6 +28,12 @@ from interp.models.shipped import SHIPPED
 TINY = ("tiny-clevr", "tiny-sdxl", "tiny-sd15", "tiny-sd2", "tiny-pixart", "tiny-dit", "tiny-sd3", "tiny-flux")
 
 
+#: The default scene of a CLEVR model loaded by name *(ours)*: three well-separated objects, normalised (x, y).
+DEFAULT_LOCATIONS = ((0.25, 0.3), (0.72, 0.25), (0.5, 0.75))
+#: The default phrases of a text-conditioned model loaded by name.
+DEFAULT_PHRASES = ("a red cube", "a blue sphere")
+
+
 @dataclass
 class LoadedModel:
     """A pipeline-like object plus the :class:`Denoiser` over its network."""
@@ -36,6 +42,24 @@ class LoadedModel:
     family: str  # "clevr" | "sdxl" | "sd" | "pixart" | "dit" | "sd3" | "flux"
     pipeline: Any
     denoiser: Denoiser
+
+    def conditioning(self, locations: Any = None, phrases: Any = None) -> Any:
+        """The conditioning a command builds for this model: CLEVR objects at ``locations`` (default
+        :data:`DEFAULT_LOCATIONS`), a text family's ``phrases`` (default :data:`DEFAULT_PHRASES`, one conditioner
+        each, :func:`interp.models.prompt_conditioning`), or DiT's class (``phrases``: one class name or id,
+        default 0)."""
+        if self.family == "clevr":
+            return self.pipeline.conditioning([list(p) for p in (locations or DEFAULT_LOCATIONS)])
+        if locations:
+            raise ValueError(f"locations are for CLEVR models; {self.name!r} is a {self.family} model (give phrases)")
+        from interp.models.prompts import class_conditioning, prompt_conditioning
+
+        if self.family == "dit":
+            if phrases and len(phrases) != 1:
+                raise ValueError(f"a DiT model takes one class (a name or an id), got {list(phrases)}")
+            label = phrases[0] if phrases else 0
+            return class_conditioning(self.pipeline, int(label) if str(label).isdigit() else label)
+        return prompt_conditioning(self.pipeline, list(phrases or DEFAULT_PHRASES))
 
 
 def known_names() -> tuple[str, ...]:
