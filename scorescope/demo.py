@@ -172,48 +172,37 @@ def run_demo(out: str | Path, *, model: str = "default", seed: int = 0, overwrit
             raise ValueError(f"the demo needs a CLEVR model, got {name!r} ({loaded.family}); try --model exp1")
         from tqdm.auto import tqdm
 
-        stages = ["capture", "locality maps", "locality by model", "length generalisation", "layer profile",
-                  "intervention", "report"]
         findings: dict[str, Any] = {"model": name, "plan": asdict(plan)}
-        with tqdm(total=len(stages), desc="scorescope demo", unit="stage", disable=None if progress is None else not progress,
+        timings: dict[str, float] = {}
+        with tqdm(total=7, desc="scorescope demo", unit="stage", disable=None if progress is None else not progress,
                   file=sys.stderr) as bar:
-            timings: dict[str, float] = {}
-            clock = [time.perf_counter()]
-
-            def stage(label: str) -> None:
-                # the wall time of the stage before this one, for summary.json
-                now = time.perf_counter()
-                if timings or label != stages[0]:
-                    timings[stages[len(timings)]] = round(now - clock[0], 2)
-                clock[0] = now
+            @contextlib.contextmanager
+            def stage(label: str) -> Iterator[None]:
+                """One stage of the demo: named on the bar, timed for summary.json."""
                 bar.set_postfix_str(label)
+                t0 = time.perf_counter()
+                yield
+                timings[label] = round(time.perf_counter() - t0, 2)
+                bar.update(1)
 
-            stage(stages[0])
-            _capture(out, loaded, name, seed, plan, findings)
-            _sdxl_capture(out, seed, findings)
-            bar.update(1)
-            stage(stages[1])
-            probe_results = _locality_maps(out, loaded, name, seed, plan, overwrite, findings)
-            bar.update(1)
-            stage(stages[2])
-            _locality_by_model(out, name, probe_results, seed, plan, progress, findings)
-            bar.update(1)
-            stage(stages[3])
-            length = _length(out, seed, plan, overwrite, progress, findings)
-            bar.update(1)
-            stage(stages[4])
-            _profile(out, seed, plan, overwrite, progress, findings)
-            bar.update(1)
-            stage(stages[5])
-            _intervention(out, seed, plan, length, overwrite, progress, findings)
-            bar.update(1)
-            stage(stages[6])
-            from scorescope.demo_report import build_report
+            with stage("capture"):
+                _capture(out, loaded, name, seed, plan, findings)
+                _sdxl_capture(out, seed, findings)
+            with stage("locality maps"):
+                probe_results = _locality_maps(out, loaded, name, seed, plan, overwrite, findings)
+            with stage("locality by model"):
+                _locality_by_model(out, name, probe_results, seed, plan, progress, findings)
+            with stage("length generalisation"):
+                length = _length(out, seed, plan, overwrite, progress, findings)
+            with stage("layer profile"):
+                _profile(out, seed, plan, overwrite, progress, findings)
+            with stage("intervention"):
+                _intervention(out, seed, plan, length, overwrite, progress, findings)
+            with stage("report"):
+                from scorescope.demo_report import build_report
 
-            report = build_report(out, findings)
-            paths = report.write(out)
-            bar.update(1)
-            timings[stages[-1]] = round(time.perf_counter() - clock[0], 2)
+                report = build_report(out, findings)
+                paths = report.write(out)
     wall = round(time.perf_counter() - started, 2)
     summary = {
         "model": name, "seed": seed, "plan": plan.name, "locations": CAPTURE_LOCATIONS,
