@@ -39,6 +39,7 @@ def _checked(option: str, fn: Callable[..., T], *args: Any) -> T:
 
 
 def _levels(t: str) -> list[float]:
+    from probes.sweep import parse_floats
 
     return _checked("--t", parse_floats, t)
 

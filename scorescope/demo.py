@@ -80,7 +80,7 @@ class DemoPlan:
 #: The default demo: about 5 minutes on 2 CPU cores (measured; see the README).
 FULL = DemoPlan(
     name="full", capture_steps=20, levels=(0.1, 0.5, 0.9), probe_seeds=(0, 1), directions=8,
-    counts=(2, 4, 6), n=8, steps=25,
+    counts=(1, 3, 6, 8), n=12, steps=25,
     profile_models=("exp1", "exp2"), profile_sites="*attn2", profile_levels=(0.1, 0.5, 0.9),
     sweep_counts=(6,), sweep_only=("mask:up0.1:r0.15", "compose-block:up_blocks.2:r0.15"),
 )
@@ -95,10 +95,9 @@ QUICK = DemoPlan(
 
 
 def default_model() -> str:
-    """``exp1`` when the shipped checkpoint is installed (it is, in every install of this repository), else ``tiny-clevr``."""
-    from interp.models.shipped import available
-
-    return "exp1" if "exp1" in available() else "tiny-clevr"
+    """The model the demo captures and maps without ``--model``: the shipped ``exp1`` checkpoint (the study needs the
+    shipped checkpoints anyway, so there is no fallback to a random model)."""
+    return STUDY_MODELS[0]
 
 
 def _write_csv(df: Any, path: Path) -> Path:
@@ -311,7 +310,8 @@ def _locality_maps(out: Path, loaded: Any, name: str, seed: int, plan: DemoPlan,
             exported[key] = next(p for p in files if p.suffix == ".png")
     pix = res["pixel"].frame()
     side = pix[(pix.metric == "side_50") & (pix.pixel_row == pix.pixel_row.iloc[0]) & (pix.pixel_col == pix.pixel_col.iloc[0])]
-    findings["maps"] = {"figures": exported, "scene": res["scene"],
+    findings["maps"] = {"figures": exported, "scene": res["scene"], "size": int(loaded.pipeline.unet.config.sample_size),
+                        "pixels": plan.pixels,
                         "side_50": {float(t): float(v) for t, v in side.groupby("t").value.mean().items()}}
     return {name: res}
 
@@ -449,7 +449,7 @@ def _intervention(out: Path, seed: int, plan: DemoPlan, length: Any, overwrite: 
     frame = pd.DataFrame(rows)
     frame = frame.set_index("intervention").loc[[o for o in order if o in set(frame["intervention"])]].reset_index()
     _write_csv(frame, out / "intervention.csv")
-    fig = figures.intervention_heatmap(frame, "recall", fmt=".2f", label="recall (fraction of requested objects found)")
+    fig = figures.intervention_heatmap(frame, "recall", fmt=".2f", label="recall", width="two-column")
     findings["intervention"] = {"frame": frame, "figures": {"recall": write_figure(fig, out / "figures", formats=plan.formats, stem="intervention_recall")["png"]}}
 
 

@@ -76,7 +76,7 @@ def _maps_section(rep: Report, model: str, maps: dict[str, Any], headline: dict[
     headline["pixel_side_50"] = side
     sides = ", ".join(f"t = {t:g}: {_f(v, '.0f')} px" for t, v in side.items())
     rep.bullets([
-        f"**Pixel locality**, side of the centred square holding 50 % of |∂D/∂x| at the image centre: {sides} (of 32). "
+        f"**Pixel locality**, side of the centred square holding 50 % of |∂D/∂x| at the image centre: {sides} (of {maps['size']}). "
         "A small square means each output pixel depends on nearby input pixels only (spatial locality); GroupNorm "
         "makes a standard U-Net never exactly local, so this is a mass fraction.",
         "**Conditional locality**, ‖∂D_i/∂c_j‖ per object j (forward-mode JVP): where each object's conditioner moves "
@@ -85,7 +85,8 @@ def _maps_section(rep: Report, model: str, maps: dict[str, Any], headline: dict[
         "single-object scores. Zero everywhere for a model that is exactly conditionally projectively composable.",
     ])
     lines.append(f"pixel locality ({model}), side of the square holding 50% of |dD/dx| mass: {sides}")
-    captions = {"pixel": "Pixel-locality maps G(i, ·) = Σ|∂D_i/∂x_j| (log colour scale) for three output pixels "
+    pixels = ", ".join(["the centre", "an object's centre", "a corner"][: maps["pixels"]])  # the demo's order
+    captions = {"pixel": f"Pixel-locality maps G(i, ·) = Σ|∂D_i/∂x_j| (log colour scale) for output pixels {pixels} "
                          "(rows) at each noise level (columns).",
                 "conditional": "Conditional-locality maps ‖∂D/∂c_j‖ for each object j (rows) at each noise level (columns).",
                 "cpc": "CPC residual per pixel at each noise level (score units, unnormalised)."}
