@@ -23,7 +23,7 @@ What it does, in order (every step seeded; outputs under ``out/``; :data:`FULL` 
    self-contained ``report.html`` (figures embedded) stating the numbers and what each means, and
    ``summary.json``.
 
-The sub-experiments keep their resumable folders under ``work/<plan>/``: a rerun of an interrupted demo with the
+The sub-experiments keep their resumable folders under ``work/<plan>-seed<seed>/``: a rerun of an interrupted demo with the
 same settings skips their finished units. The folder rules are those of every command
 (:func:`interp.io.prepare_output_dir`): ``out`` must be missing, empty, or an earlier demo's; anything else is
 refused unless ``overwrite``, and nothing in it is ever deleted; every file is written atomically.
@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from interp.clevr.evaluate import OptionError
 from interp.io import atomic_write, atomic_write_json, prepare_output_dir
 
 KIND = "demo"
@@ -62,7 +63,7 @@ class DemoPlan:
     name: str
     capture_steps: int  # DDIM steps of the captured sample
     levels: tuple[float, ...]  # noise fractions of the locality maps
-    probe_seeds: tuple[int, ...]  # forward-process noise seeds of the locality maps
+    probe_seeds: tuple[int, ...]  # seed offsets of the locality maps' noise and of the layer profile's scenes
     directions: int  # random JVP directions per conditioner (ours: a cost choice; the maps' support is exact)
     counts: tuple[int, ...]  # requested object counts of the length table
     n: int  # scenes per count (length table and intervention)
@@ -77,10 +78,10 @@ class DemoPlan:
     formats: tuple[str, ...] = ("png", "pdf", "svg")  # formats of every exported figure
 
 
-#: The default demo: about 5 minutes on 2 CPU cores (measured; see the README).
+#: The default demo: 2.4 minutes on 2 shared CPU cores (measured 2026-12-06; 4–5 minutes while other jobs load them).
 FULL = DemoPlan(
     name="full", capture_steps=20, levels=(0.1, 0.5, 0.9), probe_seeds=(0, 1), directions=8,
-    counts=(1, 3, 6, 8), n=12, steps=25,
+    counts=(1, 3, 6, 8), n=24, steps=25,
     profile_models=("exp1", "exp2"), profile_sites="*attn2", profile_levels=(0.1, 0.5, 0.9),
     sweep_counts=(6,), sweep_only=("mask:up0.1:r0.15", "compose-block:up_blocks.2:r0.15"),
 )
@@ -98,6 +99,24 @@ def default_model() -> str:
     """The model the demo captures and maps without ``--model``: the shipped ``exp1`` checkpoint (the study needs the
     shipped checkpoints anyway, so there is no fallback to a random model)."""
     return STUDY_MODELS[0]
+
+
+def _work_name(plan: DemoPlan, seed: int) -> str:
+    """The sub-experiments' folder under ``work/``: one per plan and seed, so that each resumes only its own units
+    (a sub-experiment refuses a folder made with other fixed settings)."""
+    return f"{plan.name}-seed{seed}"
+
+
+def _listing(out: Path) -> list[str]:
+    """The folder's files relative to it, ``summary.json`` included; the streamed store and the sub-experiments'
+    work folders as one entry each (``activations/``, ``work/``), hidden files left out."""
+    files = {"summary.json"}
+    for p in out.rglob("*"):
+        rel = p.relative_to(out).parts
+        if not p.is_file() or any(part.startswith(".") for part in rel):
+            continue
+        files.add(f"{rel[0]}/" if rel[0] in ("activations", "work") else "/".join(rel))
+    return sorted(files)
 
 
 def _write_csv(df: Any, path: Path) -> Path:
@@ -147,7 +166,8 @@ def run_demo(out: str | Path, *, model: str = "default", seed: int = 0, overwrit
 
     Raises:
         FileExistsError: ``out`` is a user's or another command's folder and ``overwrite`` is off.
-        ValueError: ``model`` is not a CLEVR model, or the shipped checkpoints are missing.
+        OptionError: (a ``ValueError`` naming the CLI option) ``model`` is unknown or not a CLEVR model, the shipped
+            checkpoints are missing, or ``seed`` is negative.
     """
     import matplotlib
 
@@ -159,16 +179,22 @@ def run_demo(out: str | Path, *, model: str = "default", seed: int = 0, overwrit
     name = default_model() if model == "default" else model
     missing = [m for m in STUDY_MODELS if m not in available()]
     if missing:
-        raise ValueError(f"the demo's study needs the shipped checkpoints {', '.join(missing)} "
-                         "(interp/assets/clevr/); reinstall scorescope from its repository")
-    out = prepare_output_dir(out, KIND, overwrite=overwrite)
-    (out / "figures").mkdir(exist_ok=True)
-    started = time.perf_counter()
-    torch.manual_seed(seed)
+        raise OptionError(f"the demo's study needs the shipped checkpoints {', '.join(missing)} "
+                          "(interp/assets/clevr/); reinstall scorescope from its repository", "--model")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise OptionError(f"seed must be an integer >= 0, got {seed!r}", "--seed")
     with _quiet_diffusers():
-        loaded = load_model(name, seed=seed)
+        # the model is checked before the folder is claimed: a bad name leaves no folder behind
+        try:
+            loaded = load_model(name, seed=seed)
+        except (ValueError, FileNotFoundError) as err:
+            raise OptionError(str(err), "--model") from None
         if loaded.family != "clevr":
-            raise ValueError(f"the demo needs a CLEVR model, got {name!r} ({loaded.family}); try --model exp1")
+            raise OptionError(f"the demo needs a CLEVR model, got {name!r} ({loaded.family}); try --model exp1", "--model")
+        out = prepare_output_dir(out, KIND, overwrite=overwrite)
+        (out / "figures").mkdir(exist_ok=True)
+        started = time.perf_counter()
+        torch.manual_seed(seed)
         from tqdm.auto import tqdm
 
         findings: dict[str, Any] = {"model": name, "plan": asdict(plan)}
@@ -206,14 +232,11 @@ def run_demo(out: str | Path, *, model: str = "default", seed: int = 0, overwrit
     summary = {
         "model": name, "seed": seed, "plan": plan.name, "locations": CAPTURE_LOCATIONS,
         "headline": findings.get("headline", {}),
-        "files": sorted(str(p.relative_to(out)) for p in out.rglob("*")
-                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(out).parts)
-                        and "work" not in p.relative_to(out).parts[:1] and "activations" not in p.relative_to(out).parts[:1]),
+        "files": _listing(out),
         "wall_seconds": wall,
         "stage_seconds": timings,
         **loaded.denoiser.metadata(),
     }
-    summary["files"] = sorted(set(summary["files"]) | {"summary.json", "activations/"})
     atomic_write_json(out / "summary.json", summary)
     lines = list(findings.get("lines", []))
     lines.append(f"wrote {paths[0].name} and {paths[1].name} with {len(report.figures())} figures to {out} in {wall} s")
@@ -368,7 +391,7 @@ def _length(out: Path, seed: int, plan: DemoPlan, overwrite: bool, progress: boo
     from scorescope.experiments.track import length_rows
     from scorescope.export import length_figure, write_figure
 
-    work = out / "work" / plan.name / "length"
+    work = out / "work" / _work_name(plan, seed) / "length"
     work.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     grids = {}
@@ -399,11 +422,11 @@ def _profile(out: Path, seed: int, plan: DemoPlan, overwrite: bool, progress: bo
     from scorescope.export import write_figure
 
     frames = []
-    units = len(plan.profile_models) * len(plan.profile_levels)
+    units = len(plan.profile_models) * len(plan.profile_levels) * len(plan.probe_seeds)
     with _bar(units, "layer profile", progress) as tick:
         for model in plan.profile_models:
-            res = run_profile(model, out=out / "work" / plan.name / f"profile-{model}", sites=plan.profile_sites,
-                              t=list(plan.profile_levels), seeds=[seed], radius=RADIUS, figures=False,
+            res = run_profile(model, out=out / "work" / _work_name(plan, seed) / f"profile-{model}", sites=plan.profile_sites,
+                              t=list(plan.profile_levels), seeds=[seed + s for s in plan.probe_seeds], radius=RADIUS, figures=False,
                               directions=plan.profile_directions,
                               overwrite=overwrite, progress=tick)
             frames.append(res.frame.assign(model=model))
@@ -432,7 +455,7 @@ def _intervention(out: Path, seed: int, plan: DemoPlan, length: Any, overwrite: 
     with _bar(units, "intervention on exp2", progress) as tick:
         # The unpatched models are the length table's own rows (same scenes, noise and n), so the sweep runs only
         # the interventions.
-        res = run_locality_sweep("exp2", counts=list(plan.sweep_counts), out=out / "work" / plan.name / "intervention",
+        res = run_locality_sweep("exp2", counts=list(plan.sweep_counts), out=out / "work" / _work_name(plan, seed) / "intervention",
                                  n=plan.n, seed=seed, steps=plan.steps, only=list(plan.sweep_only), references=[],
                                  batch_size=plan.n, keep_images=min(4, plan.n), overwrite=overwrite, progress=tick)
     metrics = ("recall", "count_acc", "placement_acc", "mean_extra")

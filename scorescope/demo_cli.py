@@ -17,20 +17,21 @@ def demo(
     overwrite: bool = typer.Option(False, help="Write into a non-empty folder that is not an earlier demo's (nothing in it is deleted)."),
 ) -> None:
     """The CLEVR study on the shipped checkpoints: length generalisation of exp1/exp2/exp3, locality maps, CPC
-    residual, a layer profile, a locality intervention on exp2, and report.md / report.html in OUT (about 5 minutes
+    residual, a layer profile, a locality intervention on exp2, and report.md / report.html in OUT (a few minutes
     on 2 CPU cores).
 
     Example: scorescope demo --out scorescope-demo
     """
+    from interp.clevr.evaluate import OptionError
     from scorescope.demo import run_demo
 
-    if seed < 0:
-        raise typer.BadParameter(f"seed must be >= 0, got {seed}", param_hint="'--seed'")
     try:
         summary = run_demo(out, model=model, seed=seed, overwrite=overwrite, quick=quick)
     except FileExistsError as err:
         raise typer.BadParameter(str(err), param_hint="'--out'") from None
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="'--model'") from None
+    except OptionError as err:
+        # a sub-experiment's folder under OUT/work/ made with other settings is a problem of --out
+        option = "--out" if err.option in ("--out", "--parts") else err.option
+        raise typer.BadParameter(str(err), param_hint=f"'{option}'") from None
     for line in summary:
         typer.echo(line)
