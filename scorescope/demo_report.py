@@ -128,11 +128,23 @@ def _profile_section(rep: Report, profile: dict[str, Any], headline: dict[str, A
     rep.text("At every cross-attention layer, the dependence ‖∂h/∂c_j‖ of the layer's activation on each object's "
              "conditioner (forward-mode JVP, random directions), on the same kind of three-object scenes.")
     sel = frame[frame.metric.isin(["in_region", "n_eff"])]
-    wide = sel.groupby(["layer", "layer_index", "t", "metric"], sort=False)["value"].mean().unstack("metric").reset_index()
-    wide = wide.drop(columns="layer_index")
-    rep.table(wide)
-    best = sel[sel.metric == "in_region"].groupby("layer", sort=False)["value"].mean()
-    headline["profile_in_region"] = {k: float(v) for k, v in best.items()}
+    # one row per layer (execution order), one column per metric and t: mean over conditioners and seeds
+    means = sel.groupby(["layer", "metric", "t"], sort=False)["value"].mean()
+    wide = means.unstack(["metric", "t"])
+    wide.columns = [f"{m} t={t:g}" for m, t in wide.columns]
+    rep.table(wide.reset_index())
+    n_eff = sel[sel.metric == "n_eff"].assign(site=sel["layer"].str.split(" ", n=1).str[1],
+                                              model=sel["layer"].str.split(" ", n=1).str[0])
+    per_model = n_eff.groupby(["site", "model"], sort=False)["value"].mean().unstack("model")
+    headline["profile_n_eff"] = {site: {m: float(v) for m, v in row.items()} for site, row in per_model.iterrows()}
+    gap = (per_model["exp2"] - per_model["exp1"]).dropna() if {"exp1", "exp2"} <= set(per_model.columns) else None
+    if gap is not None and len(gap) and gap.max() > 0:
+        site = str(gap.idxmax())
+        rep.text(f"Largest exp2 − exp1 gap in conditioners per position: **{site}**, n_eff exp1 "
+                 f"{_f(per_model.loc[site, 'exp1'])} vs exp2 {_f(per_model.loc[site, 'exp2'])} (mean over t): the layer "
+                 "where the generalising model keeps each position on one object and the failing one mixes them.")
+        lines.append(f"layer profile: largest n_eff gap at {site}: exp1 {_f(per_model.loc[site, 'exp1'])}, "
+                     f"exp2 {_f(per_model.loc[site, 'exp2'])}")
     rep.bullets([
         "**in_region** per layer: the share of the layer's dependence on object j within its disc, at the layer's own "
         "resolution — high where the network keeps conditioners local in feature space, which is where composition "
@@ -177,12 +189,13 @@ def build_report(out: str | Path, findings: dict[str, Any]) -> Report:
     _by_model_section(rep, findings["by_model"], headline, lines)
     _profile_section(rep, findings["profile"], headline, lines)
     _intervention_section(rep, findings["intervention"], headline, lines)
+    formats = " / ".join(f.upper() for f in plan["formats"])
     rep.heading("Files")
     rep.bullets([
         "`length.csv`, `locality_by_model.csv`, `profile.csv`, `intervention.csv`: the tidy tables behind every number above.",
         "`pixel_locality.csv`, `conditional_locality.csv`, `cpc_residual.csv`: the probes' rows; `maps/`: their maps as "
-        "PDF / SVG / PNG with the raw arrays (`.safetensors`) and JSON sidecars.",
-        "`figures/`: every figure as PNG, PDF and SVG.",
+        f"{formats} with the raw arrays (`.safetensors`) and JSON sidecars.",
+        f"`figures/`: every figure as {formats}.",
         "`activations/` + `capture.csv`: the streamed cross-attention capture; `sdxl_capture.csv`: the tiny SDXL capture "
         "with CFG branches; `sample.png`: the captured sample.",
         "`work/`: the sub-experiments' resumable folders; `summary.json`: the headline numbers and settings.",
