@@ -129,8 +129,9 @@ def _bar(total: int, desc: str, enabled: bool | None) -> Iterator[Callable[[str]
     callback the sub-experiments call once per finished unit."""
     from tqdm.auto import tqdm
 
+    # mininterval=0: a unit takes seconds, so every update is drawn (tqdm's default would skip fast ones)
     bar = tqdm(total=total, desc=desc, unit="unit", leave=False, disable=None if enabled is None else not enabled,
-               file=sys.stderr)
+               file=sys.stderr, mininterval=0)
     try:
         yield lambda line: bar.update(1) if line.startswith("done") else None
     finally:

@@ -113,3 +113,19 @@ def test_demo_overwrite_writes_its_files_and_deletes_nothing_else(tmp_path):
     again = CliRunner().invoke(app, ["demo", "--out", str(out), "--model", "tiny-clevr", "--quick"])
     assert again.exit_code == 0, again.output
     assert {p: p.stat().st_mtime_ns for p in parts} == stamps
+
+
+def test_progress_bars_draw_when_asked_and_count_finished_units(capsys):
+    """On a terminal (or progress=True) each sub-experiment's bar advances once per finished unit, with an ETA."""
+    from scorescope.demo import _bar
+
+    with _bar(2, "length generalisation", True) as tick:
+        tick("done k=1 scenes 0…")
+        tick("skip k=3 (done)")  # a resumed unit is not new work
+        tick("done k=3 scenes 0…")
+    err = capsys.readouterr().err
+    assert "length generalisation" in err and "1/2" in err and "2/2" in err and "3/2" not in err
+    assert "<" in err  # tqdm's "elapsed<remaining" (the ETA)
+    with _bar(2, "silent", False) as tick:
+        tick("done x")
+    assert capsys.readouterr().err == ""
