@@ -66,8 +66,9 @@ class ScorescopeGroup(TyperGroup):
         debug, argv = debug_requested(sys.argv[1:] if args is None else args)
         try:
             rv = super().main(args=argv, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
-        except NoArgsIsHelpError as err:  # a bare group: its help, as click prints it
-            err.show()
+        except NoArgsIsHelpError as err:  # a bare group: its help (typer's groups have printed it already)
+            if err.format_message().strip():
+                err.show()
             rv = err.exit_code
         except (typer.TyperException, OptionError) as err:
             if debug:
