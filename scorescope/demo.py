@@ -78,14 +78,14 @@ class DemoPlan:
     formats: tuple[str, ...] = ("png", "pdf", "svg")  # formats of every exported figure
 
 
-#: The default demo: 2.4 minutes on 2 shared CPU cores (measured 2026-12-06; 4–5 minutes while other jobs load them).
+#: The default demo: 2.5 minutes on 2 shared CPU cores (measured 2026-12-06; longer while other jobs load them).
 FULL = DemoPlan(
     name="full", capture_steps=20, levels=(0.1, 0.5, 0.9), probe_seeds=(0, 1), directions=8,
-    counts=(1, 3, 6, 8), n=24, steps=25,
+    counts=(1, 3, 6, 8), n=16, steps=25,
     profile_models=("exp1", "exp2"), profile_sites="*attn2", profile_levels=(0.1, 0.5, 0.9),
     sweep_counts=(6,), sweep_only=("mask:up0.1:r0.15", "compose-block:up_blocks.2:r0.15"),
 )
-#: ``--quick``: every step at toy size (seconds; the numbers are noise), for tests and a first look.
+#: ``--quick``: every step at toy size (6–50 s here, by the machine's load; the numbers are noise), for tests and a first look.
 QUICK = DemoPlan(
     name="quick", capture_steps=5, levels=(0.9,), probe_seeds=(0,), directions=2,
     counts=(1, 4), n=1, steps=2,

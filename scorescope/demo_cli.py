@@ -12,7 +12,7 @@ def demo(
     model: str = typer.Option("default", help="Model captured and mapped ('default': the shipped exp1 checkpoint); "
                                               "the study always compares exp1, exp2 and exp3."),
     seed: int = typer.Option(0, help="Seed for every random choice (>= 0)."),
-    quick: bool = typer.Option(False, help="A reduced run (tiny n, few steps; about a minute): checks the pipeline, "
+    quick: bool = typer.Option(False, help="A reduced run (tiny n, few steps; under a minute): checks the pipeline, "
                                            "its numbers are noise."),
     overwrite: bool = typer.Option(False, help="Write into a non-empty folder that is not an earlier demo's (nothing in it is deleted)."),
 ) -> None:

@@ -75,7 +75,7 @@ def test_demo_end_to_end_on_its_default_model(tmp_path):
 
 def test_full_plan_is_the_study_the_readme_describes():
     """The README's quickstart states the default plan's sizes; the quick run above exercises the same code."""
-    assert FULL.counts == (1, 3, 6, 8) and FULL.n == 24 and FULL.steps == 25
+    assert FULL.counts == (1, 3, 6, 8) and FULL.n == 16 and FULL.steps == 25
     assert FULL.levels == (0.1, 0.5, 0.9) and FULL.profile_sites == "*attn2" and FULL.profile_models == ("exp1", "exp2")
     assert FULL.sweep_counts == (6,) and FULL.sweep_only == ("mask:up0.1:r0.15", "compose-block:up_blocks.2:r0.15")
     assert set(FULL.formats) == {"png", "pdf", "svg"} and FULL.capture_steps == 20
