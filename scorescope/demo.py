@@ -32,7 +32,6 @@ refused unless ``overwrite``, and nothing in it is ever deleted; every file is w
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from collections.abc import Callable, Iterator

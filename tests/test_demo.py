@@ -129,3 +129,10 @@ def test_progress_bars_draw_when_asked_and_count_finished_units(capsys):
     with _bar(2, "silent", False) as tick:
         tick("done x")
     assert capsys.readouterr().err == ""
+
+
+def test_a_bad_model_is_one_line_and_claims_no_folder(tmp_path):
+    out = tmp_path / "d"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--model", "no-such-model", "--quick"])
+    assert result.exit_code == 2 and "'--model'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()  # checked before the folder is claimed
