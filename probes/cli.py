@@ -12,12 +12,16 @@ Models load on the GPU when one is present (override with ``SCORESCOPE_DEVICE=cp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, TypeVar
 
 import typer
 
-app = typer.Typer(help="Locality probes: pixel Jacobians, conditional maps, CPC residuals, layer sweeps.", no_args_is_help=True)
+T = TypeVar("T")
+
+app = typer.Typer(help="Locality probes: pixel Jacobians, conditional maps, CPC residuals, layer sweeps.\n\n"
+                  "Example: scorescope locality cond --model exp1 --t 0.5,0.9 --json cond.json", no_args_is_help=True)
 
 MODEL = typer.Option("tiny-clevr", "--model", help="Model name (tiny-clevr, tiny-sdxl, exp1..3, colour) or a saved folder.")
 LEVELS = typer.Option("0.5", "--t", help="Noise fractions in [0, 1], comma-separated.")
@@ -26,16 +30,30 @@ LOCS = typer.Option(None, "--locations", help="CLEVR conditioner locations 'x,y;
 PROMPT = typer.Option(None, "--prompt", help="SDXL phrases, separated by '|' (default 'a red cube|a blue sphere').")
 
 
+def _checked(option: str, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, with a ``ValueError`` turned into the usage error of ``option`` (one line, exit 2)."""
+    try:
+        return fn(*args)
+    except ValueError as err:
+        raise typer.BadParameter(" ".join(str(err).split()), param_hint=f"'{option}'") from None
+
+
+def _levels(t: str) -> list[float]:
+    from probes.sweep import parse_floats
+
+    return _checked("--t", parse_floats, t)
+
+
 def _load(model: str, locations: Optional[str], prompt: Optional[str]):
     import os
 
     from interp.distributed import rank_device
     from probes.sweep import _resolve, parse_locations
 
-    locs = parse_locations(locations) if locations else None
+    locs = _checked("--locations", parse_locations, locations) if locations else None
     phrases = prompt.split("|") if prompt else None
     device = rank_device(os.environ.get("SCORESCOPE_DEVICE") or None)  # under torchrun: cuda:LOCAL_RANK
-    return _resolve(model, None, locs, phrases, device=device)
+    return _checked("--model", lambda: _resolve(model, None, locs, phrases, device=device))
 
 
 def _emit(result, json_path: Optional[Path], maps: bool) -> None:
@@ -65,13 +83,16 @@ def sweep(
     prompt: Optional[str] = PROMPT,
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty folder that holds no sweep (nothing in it is deleted)."),
 ) -> None:
-    """Sites x noise levels x seeds -> one tidy CSV; interrupted sweeps resume without duplicates."""
+    """Sites x noise levels x seeds -> one tidy CSV; interrupted sweeps resume without duplicates.
+
+    Example: scorescope locality sweep --model exp1 --sites '*attn2' --t 0.1,0.5,0.9 --out runs/sweep
+    """
     from interp.distributed import RankAborted
-    from probes.sweep import locality_sweep, parse_floats
+    from probes.sweep import locality_sweep
 
     den, name, cond = _load(model, locations, prompt)
     try:
-        df = locality_sweep(den, cond, sites=sites, t=parse_floats(t), seeds=seeds, out=out,
+        df = locality_sweep(den, cond, sites=sites, t=_levels(t), seeds=seeds, out=out,
                             metrics=[m for m in metrics.split(",") if m], radius=radius,
                             directions=directions if directions == "all" else int(directions),
                             branches=[b for b in branches.split(",") if b], progress=typer.echo, overwrite=overwrite)
@@ -99,9 +120,11 @@ def pixel(
     locations: Optional[str] = LOCS,
     prompt: Optional[str] = PROMPT,
 ) -> None:
-    """Pixel-locality maps G(i, j) and their mass summaries."""
+    """Pixel-locality maps G(i, j) and their mass summaries.
+
+    Example: scorescope locality pixel --model exp1 --t 0.1,0.9 --pixels center --json pixel.json
+    """
     from probes.jacobian import pixel_locality
-    from probes.sweep import parse_floats
 
     den, _, cond = _load(model, locations, prompt)
     spec: object = pixels
@@ -109,7 +132,7 @@ def pixel(
         spec = int(pixels)
     elif ";" in pixels or "," in pixels:
         spec = [tuple(int(v) for v in p.split(",")) for p in pixels.split(";") if p]
-    res = pixel_locality(den, cond, parse_floats(t), seeds, pixels=spec, method=method, radius_px=radius_px)  # type: ignore[arg-type]
+    res = pixel_locality(den, cond, _levels(t), seeds, pixels=spec, method=method, radius_px=radius_px)  # type: ignore[arg-type]
     _emit(res, json_path, maps=include_maps)
 
 
@@ -125,12 +148,14 @@ def cond(
     locations: Optional[str] = LOCS,
     prompt: Optional[str] = PROMPT,
 ) -> None:
-    """Conditional-locality maps (JVP, ablation) and in-region / leakage / n_eff summaries."""
+    """Conditional-locality maps (JVP, ablation) and in-region / leakage / n_eff summaries.
+
+    Example: scorescope locality cond --model exp1 --t 0.5,0.9 --locations '0.3,0.3;0.7,0.7' --json cond.json
+    """
     from probes.conditional import conditional_locality
-    from probes.sweep import parse_floats
 
     den, _, c = _load(model, locations, prompt)
-    res = conditional_locality(den, c, parse_floats(t), seeds, maps=tuple(m for m in maps.split(",") if m),  # type: ignore[arg-type]
+    res = conditional_locality(den, c, _levels(t), seeds, maps=tuple(m for m in maps.split(",") if m),  # type: ignore[arg-type]
                                directions=directions if directions == "all" else int(directions),
                                radius=radius if c.locations is not None else None)
     _emit(res, json_path, maps=True)
@@ -145,10 +170,12 @@ def cpc(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result (maps included) here."),
     locations: Optional[str] = LOCS,
 ) -> None:
-    """CPC residual per noise level (CLEVR-style located conditioners)."""
+    """CPC residual per noise level (CLEVR-style located conditioners).
+
+    Example: scorescope locality cpc --model exp2 --t 0.1,0.5,0.9 --json cpc.json
+    """
     from probes.cpc import cpc_residual
-    from probes.sweep import parse_floats
 
     den, _, c = _load(model, locations, None)
-    res = cpc_residual(den, c, parse_floats(t), seeds, radius=radius)
+    res = cpc_residual(den, c, _levels(t), seeds, radius=radius)
     _emit(res, json_path, maps=True)

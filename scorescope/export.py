@@ -259,6 +259,18 @@ def export_maps(
     return done
 
 
+def write_figure(fig: Any, folder: str | Path, stem: str, *, formats: Sequence[str] = FORMATS, dpi: int = 300) -> dict[str, Path]:
+    """Write a figure of a tidy frame (:mod:`interp.figures`) as ``<stem>.<fmt>`` for each format into ``folder``.
+
+    Every file is rendered before any is written, then written atomically; returns ``{format: path}``. The caller
+    owns ``folder`` (a folder it claimed): same-named files there are replaced.
+    """
+    fmts = check_formats(formats)
+    folder = Path(folder)
+    blobs = {fmt: figures.figure_bytes(fig, fmt, dpi=dpi) for fmt in fmts}
+    return {fmt: atomic_write(folder / f"{stem}.{fmt}", blob) for fmt, blob in blobs.items()}
+
+
 def _json_default(v: Any) -> Any:
     if isinstance(v, (np.generic,)):
         return v.item()
@@ -302,4 +314,4 @@ def length_figure(frame: Any, metric: str = "count_acc", *, train_range: tuple[i
 
 
 __all__ = ["Export", "FORMATS", "KIND", "MANIFEST", "check_formats", "export_maps", "git_commit", "length_figure",
-           "provenance", "read_arrays", "stack_sites"]
+           "provenance", "read_arrays", "stack_sites", "write_figure"]

@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 import typer
 
-app = typer.Typer(help="Export paper-ready figures (PDF, SVG, PNG) of probe maps, with raw arrays and metadata.",
+app = typer.Typer(help="Export paper-ready figures (PDF, SVG, PNG) of probe maps, with raw arrays and metadata.\n\n"
+                  "Example: scorescope export maps --model exp1 --probe pixel --t 0.5,0.9 --out fig/",
                   no_args_is_help=True, add_completion=False)
 
 @app.callback()

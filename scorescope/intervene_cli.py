@@ -17,7 +17,8 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Interventions: enforce locality inside a trained model and measure what it restores.",
+app = typer.Typer(help="Interventions: enforce locality inside a trained model and measure what it restores.\n\n"
+                  "Example: scorescope intervene locality-sweep --model exp2 --counts 4,6,8 --n 32 --out runs/sweep",
                   no_args_is_help=True, add_completion=False)
 
 
@@ -44,7 +45,10 @@ def locality_sweep(
     threads: int = typer.Option(None, help="torch.set_num_threads (>= 1)."),
     list_only: bool = typer.Option(False, "--list", help="Print the intervention names and exit (nothing is run)."),
 ) -> None:
-    """Length generalisation under each locality intervention: a tidy table, a heatmap and samples."""
+    """Length generalisation under each locality intervention: a tidy table, a heatmap and samples.
+
+    Example: scorescope intervene locality-sweep --model exp2 --counts 6 --n 16 --only 'compose-block:*' --out runs/sweep
+    """
     import torch
 
     from interp.clevr.evaluate import OptionError, check_eval_options, parse_counts

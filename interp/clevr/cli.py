@@ -22,7 +22,8 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="The CLEVR world: train models, evaluate length generalisation.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(help="The CLEVR world: train models, evaluate length generalisation.\n\n"
+                  "Example: scorescope clevr eval --model exp1 --counts 1-10 --n 64 --json exp1.json", no_args_is_help=True, add_completion=False)
 
 
 def _bad(err: Exception, option: str | None) -> typer.BadParameter:
@@ -53,7 +54,10 @@ def train(
         False, help="Write into a non-empty OUT that is not a clevr run (its own files are never deleted or replaced)."
     ),
 ) -> None:
-    """Train (or resume) a CLEVR model; EMA weights end up in OUT/pipeline."""
+    """Train (or resume) a CLEVR model; EMA weights end up in OUT/pipeline.
+
+    Example: scorescope clevr train --recipe exp1 --out runs/exp1 --steps 4000
+    """
     from interp.clevr.train import RecipeError, claim_run_folder, get_recipe
     from interp.clevr.train import train as run
 
@@ -91,7 +95,10 @@ def eval_(
     ),
     device: str = typer.Option(None, help="cpu | cuda (default: cpu on one process; cuda:LOCAL_RANK under torchrun when present)."),
 ) -> None:
-    """Length generalisation: count accuracy, recall, precision, placement accuracy and mean count for each requested k."""
+    """Length generalisation: count accuracy, recall, precision, placement accuracy and mean count for each requested k.
+
+    Example: scorescope clevr eval --model exp1 --counts 0-10 --n 64 --seed 0 --json exp1.json
+    """
     import torch
 
     from interp.clevr.evaluate import OptionError, check_eval_options, evaluate_length, format_table, output_paths, parse_counts, write_outputs
@@ -146,7 +153,10 @@ def compare(
     metric: str = typer.Option("count_acc", help="count_acc | recall | precision | placement_acc | mean_count | mean_extra | colour_acc."),
     out: Path = typer.Option(Path("clevr_compare.png"), help="Where to write the figure."),
 ) -> None:
-    """Plot one metric against k for several evaluated models (one line each, training range shaded)."""
+    """Plot one metric against k for several evaluated models (one line each, training range shaded).
+
+    Example: scorescope clevr compare exp1.json exp2.json exp3.json --metric recall --out recall.png
+    """
     import json
 
     from interp.clevr.evaluate import compare_figure
@@ -189,7 +199,10 @@ def render(
     size: int = typer.Option(64, help="Image side in pixels (>= 8; the models use 32 or 64)."),
     seed: int = typer.Option(0, help="Scene seed."),
 ) -> None:
-    """Render example scenes (one row per object count) to a PNG grid."""
+    """Render example scenes (one row per object count) to a PNG grid.
+
+    Example: scorescope clevr render --counts 0-10 --out scenes.png
+    """
     import numpy as np
     import torch
 

@@ -16,7 +16,8 @@ from scorescope.features_cli.concepts import concepts
 from scorescope.features_cli.profile import profile
 from scorescope.features_cli.sdxl import sdxl
 
-app = typer.Typer(help="Feature-space locality studies: layer profiles, concept geometry, SDXL style + content.",
+app = typer.Typer(help="Feature-space locality studies: layer profiles, concept geometry, SDXL style + content.\n\n"
+                  "Example: scorescope features profile --model exp1 --sites '*attn2' --out runs/profile",
                   no_args_is_help=True, add_completion=False)
 app.command("profile")(profile)
 app.command("concepts")(concepts)
