@@ -27,7 +27,7 @@ MODEL = typer.Option("tiny-clevr", "--model", help="Model name (tiny-clevr, tiny
 LEVELS = typer.Option("0.5", "--t", help="Noise fractions in [0, 1], comma-separated.")
 SEEDS = typer.Option(2, "--seeds", help="Number of forward-process samples (seeds 0..n-1).")
 LOCS = typer.Option(None, "--locations", help="CLEVR conditioner locations 'x,y;x,y' (normalised); default: three objects.")
-PROMPT = typer.Option(None, "--prompt", help="SDXL phrases, separated by '|' (default 'a red cube|a blue sphere').")
+PROMPT = typer.Option(None, "--prompt", help="Phrases of a text-conditioned model (SD1.5/2, SDXL, PixArt, SD3, Flux), separated by '|' (default 'a red cube|a blue sphere'); a DiT class name or id.")
 
 
 def _checked(option: str, fn: Callable[..., T], *args: Any) -> T:

@@ -8,7 +8,7 @@ What it does, in order (every step seeded; outputs under ``out/``; :data:`FULL` 
    classifier-free guidance, labelled per step and branch (``sdxl_capture.csv``).
 2. **Locality maps of ``model``** on a seeded three-object scene (the forward process of its rendering,
    :func:`scorescope.experiments.feature_profile.clevr_scene`) at several noise levels: pixel locality
-   (``pixel_locality.csv``), conditional locality by forward-mode JVP (``conditional_locality.csv``) and the CPC
+   (``pixel_locality.csv``), conditional locality (``conditional_locality.csv``; ∂D/∂c_j by the cost-model mode) and the CPC
    residual (``cpc_residual.csv``); their maps are exported to ``maps/`` (:func:`scorescope.export.export_maps`:
    PDF / SVG / PNG with colorbars, raw arrays, sidecars).
 3. **Locality by model**: the in-region fraction and CPC residual of exp1, exp2 and exp3 on the same scene
