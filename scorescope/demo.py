@@ -172,8 +172,8 @@ def run_demo(out: str | Path, *, model: str = "default", seed: int = 0, overwrit
     import matplotlib
 
     matplotlib.use("Agg")
-    from interp.models.registry import load_model
     from interp.models.shipped import available
+    from scorescope.experiments.study import load_clevr_model
 
     plan = QUICK if quick else FULL
     name = default_model() if model == "default" else model
@@ -185,12 +185,7 @@ def run_demo(out: str | Path, *, model: str = "default", seed: int = 0, overwrit
         raise OptionError(f"seed must be an integer >= 0, got {seed!r}", "--seed")
     with _quiet_diffusers():
         # the model is checked before the folder is claimed: a bad name leaves no folder behind
-        try:
-            loaded = load_model(name, seed=seed)
-        except (ValueError, FileNotFoundError) as err:
-            raise OptionError(str(err), "--model") from None
-        if loaded.family != "clevr":
-            raise OptionError(f"the demo needs a CLEVR model, got {name!r} ({loaded.family}); try --model exp1", "--model")
+        loaded = load_clevr_model(name, needs="the demo", seed=seed)
         out = prepare_output_dir(out, KIND, overwrite=overwrite)
         (out / "figures").mkdir(exist_ok=True)
         started = time.perf_counter()

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from interp import Conditioning, Denoiser
 from interp.clevr.evaluate import OptionError  # a ValueError naming the CLI option at fault, shared by the CLEVR commands
-from scorescope.experiments.study import check_json_option, claim_study_folder
+from scorescope.experiments.study import check_json_option, claim_study_folder, load_clevr_model
 from interp.io import atomic_write_json
 from interp.site import SiteError, resolve_paths, spatial_view
 
@@ -431,7 +431,6 @@ def run_profile(
             profile with other fixed settings).
         FileExistsError: ``out`` is a user's or another command's folder and ``overwrite`` is off.
     """
-    from interp.models.registry import load_model
     from probes.sweep import atomic_write_csv, unit_key
 
     t0 = time.perf_counter()
@@ -440,12 +439,7 @@ def run_profile(
     from interp.distributed import rank_device
 
     device = rank_device(device)  # several processes (torchrun): cuda:LOCAL_RANK each
-    try:
-        loaded = load_model(model, device=device)
-    except (ValueError, FileNotFoundError) as err:
-        raise OptionError(str(err), "--model") from None
-    if loaded.family != "clevr":
-        raise OptionError(f"the feature profile needs a CLEVR model (located conditioners), got {model!r} ({loaded.family})", "--model")
+    loaded = load_clevr_model(model, needs="the feature profile", device=device)
     pipe, den = loaded.pipeline, loaded.denoiser
     scenes = {s: clevr_scene(pipe, s, k=k) for s in seed_list}
     try:

@@ -461,7 +461,7 @@ def run_locality_sweep(
     from interp.clevr.detect import DetectorConfig
     from interp.clevr.evaluate import OptionError, check_eval_options, evaluate_length, parse_counts
     from interp.clevr.metrics import MATCH_RADIUS
-    from interp.models.registry import load_model
+    from scorescope.experiments.study import load_clevr_model
 
     t0 = time.perf_counter()
     try:
@@ -489,12 +489,7 @@ def run_locality_sweep(
     from interp.distributed import rank_device
 
     device = rank_device(device)  # several processes: each on its own GPU (cuda:LOCAL_RANK)
-    try:
-        loaded = load_model(model, device=device)
-    except (ValueError, FileNotFoundError) as err:
-        raise OptionError(str(err), "--model") from None
-    if loaded.family != "clevr":
-        raise OptionError(f"the locality sweep needs a CLEVR model, got {model!r} ({loaded.family})", "--model")
+    loaded = load_clevr_model(model, needs="the locality sweep", device=device)
     pipe = loaded.pipeline
     if plan is None:
         plan = plan_interventions(attn2_layers(pipe), num_steps=steps, radii=radii, references=refs,

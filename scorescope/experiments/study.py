@@ -1,4 +1,4 @@
-"""What every resumable study command does before its first unit: check ``--json`` and claim ``--out``.
+"""What every study command does before its first unit: load its CLEVR model, check ``--json`` and claim ``--out``.
 
 A study folder holds ``parts/`` (one file per finished unit, so a rerun resumes) and a settings file that binds
 the folder to the settings that make its parts comparable (:func:`interp.io.check_settings`). Both checks raise
@@ -40,3 +40,23 @@ def claim_study_folder(out: str | Path, kind: str, settings: dict[str, Any], fix
     except ValueError as err:
         raise OptionError(str(err), "--out") from None
     return folder, parts
+
+
+def load_clevr_model(model: str, *, needs: str, device: str = "cpu", **kwargs: Any) -> Any:
+    """:func:`interp.models.registry.load_model` for a command that needs a CLEVR model (located conditioners).
+
+    ``needs`` names the command in the error (``"the feature profile"``); ``kwargs`` go to ``load_model``.
+
+    Raises:
+        OptionError: (``--model``) an unknown name or folder, or a model of another family.
+    """
+    from interp.models.registry import load_model
+
+    try:
+        loaded = load_model(model, device=device, **kwargs)
+    except (ValueError, FileNotFoundError) as err:
+        raise OptionError(str(err), "--model") from None
+    if loaded.family != "clevr":
+        raise OptionError(f"{needs} needs a CLEVR model (located conditioners), got {model!r} ({loaded.family}); "
+                          "try --model exp1", "--model")
+    return loaded
