@@ -79,7 +79,7 @@ def _maps_section(rep: Report, model: str, maps: dict[str, Any], headline: dict[
         f"**Pixel locality**, side of the centred square holding 50 % of |∂D/∂x| at the image centre: {sides} (of {maps['size']}). "
         "A small square means each output pixel depends on nearby input pixels only (spatial locality); GroupNorm "
         "makes a standard U-Net never exactly local, so this is a mass fraction.",
-        "**Conditional locality**, ‖∂D_i/∂c_j‖ per object j (forward-mode JVP): where each object's conditioner moves "
+        "**Conditional locality**, ‖∂D_i/∂c_j‖ per object j (exact directional derivatives): where each object's conditioner moves "
         "the output. Local conditional score (LCS): the map of object j is concentrated around object j.",
         "**CPC residual map**, ‖s(c) − composed s‖ per pixel: where the score differs from the masked composition of "
         "single-object scores. Zero everywhere for a model that is exactly conditionally projectively composable.",
