@@ -232,7 +232,12 @@ def worker_stream_time(cfg: dict[str, Any]) -> dict[str, Any]:
         return run
 
     try:
-        times = _side_by_side({"plain": plain, "streamed (default)": streamed("stream"),
+        def in_memory() -> Any:
+            with torch.no_grad(), capture(den, SITES, budget=None) as cap:
+                sample(den, cond, **call)
+            return cap
+
+        times = _side_by_side({"plain": plain, "in memory": in_memory, "streamed (default)": streamed("stream"),
                                "streamed (before: blob, 64 MiB, sampling thread)": streamed("stream-before")},
                               cfg["repeats_pipeline"])
         with torch.no_grad(), capture(den, SITES) as cap:
