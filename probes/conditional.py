@@ -25,7 +25,7 @@ Two maps per conditioner ``j`` (SCIENCE.md §3.2), each averaged over forward-pr
   once), then ``J·v`` by a matrix product.
 
 ``mode="auto"`` (default) is a cost model: when the output has fewer rows (``C·H·W`` of ``x_t``) than there are
-directions over all conditioners, ``"rows"``; otherwise ``"reverse"`` on the CPU — measured 1.6–2.0× faster
+directions over all conditioners, ``"rows"``; otherwise ``"reverse"`` on the CPU — measured 1.6–2.1× faster
 than forward mode on the shipped exp1 checkpoint for the attribution and 8-direction JVP maps (forward-mode rules
 of GroupNorm / LayerNorm are Python-level decompositions, and tangent convolutions fall back to a slow kernel;
 ``docs/bench/speed.json``) — and ``"forward"`` on CUDA (unmeasured: no GPU here; forward mode keeps no backward
